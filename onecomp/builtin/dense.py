@@ -1,0 +1,46 @@
+"""Format ``dense``: the weight kept as a plain float tensor (the no-compression baseline)."""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from ..components import Format
+from ..config import one_of
+from ..hookspecs import hookimpl
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@attrs.define
+class DenseParams:
+    dtype: str = attrs.field(default="float16", validator=one_of(*DTYPES))
+
+
+class Dense(Format):
+    """``weight`` stored as-is in ``dtype``; bits per weight = the dtype's width."""
+
+    name = "dense"
+    version = 1
+    Config = DenseParams
+    trainable = ("weight",)
+
+    def pack(self, fields, shape):
+        return {"weight": fields["weight"].reshape(shape).to(DTYPES[self.params.dtype]).contiguous()}
+
+    def unpack(self, stored, shape):
+        return {"weight": stored["weight"]}
+
+    def dequantize(self, stored, shape):
+        return stored["weight"].float()
+
+    def expected_bits(self, shape):
+        return shape[0] * shape[1] * torch.finfo(DTYPES[self.params.dtype]).bits
+
+    def example(self, shape, generator):
+        return {"weight": torch.randn(shape, generator=generator).to(DTYPES[self.params.dtype])}
+
+
+@hookimpl
+def register_formats(register):
+    register(Dense)

@@ -1,0 +1,152 @@
+"""Sequential, block-by-block capture of linear-layer inputs and their statistics.
+
+Only one block's activations live at a time. For each block we keep the inputs on the
+quantized path (X̂, what the compressed model really feeds it) and, only when some
+component needs ``cross``, on the fp path (X). Statistics are accumulated per fused
+input group, so q/k/v share one Hessian.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import nn
+
+from ..components import LayerStats
+
+
+class _Stop(Exception):
+    pass
+
+
+@attrs.define
+class BlockInputs:
+    """Per calibration batch: the hidden states entering a block, and the kwargs every block gets."""
+
+    hidden: list  # list[Tensor [B, L, d]]
+    kwargs: list  # list[dict], one per batch
+
+    def clone(self) -> "BlockInputs":
+        return BlockInputs([h.clone() for h in self.hidden], self.kwargs)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+@torch.no_grad()
+def first_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Run the model up to block 0 and keep what block 0 receives (embeddings, masks, rotary)."""
+    hidden, kwargs = [], []
+
+    def hook(module, args, kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h.detach())
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in windows.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden, kwargs)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """The block's outputs for every batch: the next block's inputs."""
+    return BlockInputs([run_block(block, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)], inputs.kwargs)
+
+
+class StatsCollector:
+    """Running statistics of one input group (see onecomp.components.STATISTICS)."""
+
+    def __init__(self, needs, in_features: int, max_samples: int = 4096):
+        self.needs = set(needs)
+        self.n = 0
+        self.max_samples = max_samples
+        d = in_features
+        self.H = torch.zeros(d, d) if "hessian" in self.needs else None
+        self.cross = torch.zeros(d, d) if "cross" in self.needs else None
+        self.sq = torch.zeros(d) if "diag" in self.needs else None
+        self.samples: list[torch.Tensor] = []
+
+    def add(self, X_hat: torch.Tensor, X: torch.Tensor | None = None) -> None:
+        """Accumulate a batch: ``X_hat`` (quantized path) and ``X`` (fp path), both ``[tokens, in]``."""
+        X_hat = X_hat.reshape(-1, X_hat.shape[-1]).float()
+        self.n += X_hat.shape[0]
+        if self.H is not None:
+            self.H.addmm_(X_hat.T, X_hat)
+        if self.cross is not None:
+            if X is None:
+                raise ValueError("the 'cross' statistic needs the fp-path input X")
+            self.cross.addmm_((X.reshape(-1, X.shape[-1]).float() - X_hat).T, X_hat)
+        if self.sq is not None:
+            self.sq += X_hat.square().sum(0)
+        if "samples" in self.needs:
+            stride = max(1, (X_hat.shape[0] * 8) // max(1, self.max_samples))
+            self.samples.append(X_hat[::stride].clone())
+
+    def finish(self) -> LayerStats:
+        n = max(self.n, 1)
+        samples = torch.cat(self.samples)[: self.max_samples] if self.samples else None
+        return LayerStats(
+            n_tokens=self.n,
+            H=self.H.mul_(2 / n) if self.H is not None else None,
+            cross=self.cross.mul_(2 / n) if self.cross is not None else None,
+            diag=self.sq / n if self.sq is not None else None,
+            samples=samples,
+        )
+
+
+@torch.no_grad()
+def capture_block(block: nn.Module, groups: dict, q_inputs: BlockInputs, fp_inputs: BlockInputs | None,
+                  needs: dict) -> tuple[dict, BlockInputs | None]:
+    """Statistics per input group of one block, and the block's fp-path outputs when X is needed.
+
+    ``groups`` maps a group leader's relative name to its module; ``needs`` maps the
+    leader to the statistics wanted. Returns ``({leader: LayerStats}, fp_outputs)``.
+    """
+    collectors = {g: StatsCollector(needs[g], m.in_features) for g, m in groups.items() if needs[g]}
+    want_fp = {g for g, c in collectors.items() if "cross" in c.needs}
+    fp_X: dict[str, torch.Tensor] = {}
+
+    def recorder(g):
+        def hook(m, args):
+            fp_X[g] = args[0]
+        return hook
+
+    def accumulator(g):
+        def hook(m, args):
+            collectors[g].add(args[0], fp_X.get(g))
+        return hook
+
+    fp_out = []
+    for i, (h, kw) in enumerate(zip(q_inputs.hidden, q_inputs.kwargs)):
+        if fp_inputs is not None:
+            handles = [groups[g].register_forward_pre_hook(recorder(g)) for g in want_fp]
+            try:
+                fp_out.append(run_block(block, fp_inputs.hidden[i], fp_inputs.kwargs[i]))
+            finally:
+                for handle in handles:
+                    handle.remove()
+        handles = [groups[g].register_forward_pre_hook(accumulator(g)) for g in collectors]
+        try:
+            run_block(block, h, kw)
+        finally:
+            for handle in handles:
+                handle.remove()
+        fp_X.clear()
+    stats = {g: c.finish() for g, c in collectors.items()}
+    return stats, (BlockInputs(fp_out, fp_inputs.kwargs) if fp_inputs is not None else None)

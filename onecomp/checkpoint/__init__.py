@@ -1,0 +1,6 @@
+"""Checkpoints (safetensors + onecomp.json manifest) and the QuantLinear module."""
+
+from .io import bits_summary, load, quantized_modules, read_manifest, save_checkpoint, verify
+from .quantlinear import QuantLinear
+
+__all__ = ["QuantLinear", "bits_summary", "load", "quantized_modules", "read_manifest", "save_checkpoint", "verify"]

@@ -1,0 +1,268 @@
+"""The component kinds plugins provide, and the small value types passed between them.
+
+Every component is a class with a unique ``name`` and an attrs ``Config`` class.
+Subclassing the bases below is optional (the registry checks the attributes), but
+they document the contract and give sensible defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import attrs
+import torch
+
+from .errors import FormatError
+
+KINDS = ("quantizer", "format", "planner", "refiner", "backend", "regularizer")
+
+#: Statistics a quantizer or refiner may declare in ``needs``; only those are captured.
+#:   hessian  H = 2/N Σ x̂ x̂ᵀ over the layer input on the quantized path  [in, in]
+#:   cross    D = 2/N Σ (x - x̂) x̂ᵀ, fp-path input minus quantized-path input  [in, in]
+#:   diag     E[x̂²] per input channel  [in]
+#:   samples  up to ``max_samples`` rows of X̂  [n, in]
+STATISTICS = frozenset({"hessian", "cross", "diag", "samples"})
+
+SCOPES = ("layer", "block", "model")
+
+
+@attrs.define
+class NoConfig:
+    """Config of a component that takes no parameters."""
+
+
+# ---------------------------------------------------------------- value types
+
+
+@attrs.define
+class LayerStats:
+    """Calibration statistics of one linear layer's input (see STATISTICS)."""
+
+    n_tokens: int = 0
+    H: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    diag: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
+
+
+@attrs.define
+class LayerTask:
+    """What a quantizer is asked to compress: one linear layer's fp32 weight and its statistics.
+
+    ``W`` is ``[out, in]``. Layer-scope refiners (QEP) may replace ``W`` with a corrected
+    target before the quantizer sees it; ``original_W`` keeps the model's weight.
+    """
+
+    name: str
+    W: torch.Tensor
+    stats: LayerStats = attrs.Factory(LayerStats)
+    bias: torch.Tensor | None = None
+    group: str | None = None
+    seed: int = 0
+    original_W: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.W.shape)
+
+
+@attrs.define
+class Compressed:
+    """A weight stored in a registered format: packed tensors plus JSON-able params."""
+
+    format: str
+    params: dict
+    tensors: dict[str, torch.Tensor]
+    shape: tuple[int, int]
+    info: dict = attrs.Factory(dict)  # free-form numbers for reports (loss, seconds)
+
+
+@attrs.frozen
+class ComponentSpec:
+    """A component chosen in a config: its kind, registered name and validated Config."""
+
+    kind: str
+    name: str
+    config: Any
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **attrs.asdict(self.config, recurse=True)}
+
+
+def stored_bits(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bits actually held by a set of stored tensors."""
+    return sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+
+
+# ---------------------------------------------------------------- component bases
+
+
+class Format:
+    """A storage layout for one weight matrix.
+
+    ``Config`` holds the format's params (bits, group size, ...). An instance is bound
+    to one params value. ``fields`` are the logical tensors (integer codes, scales);
+    ``stored`` tensors are what goes to safetensors (packed codes). The conformance kit
+    in ``onecomp.testing`` checks every format against this contract.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1
+    Config: ClassVar[type] = NoConfig
+    #: names of stored float tensors a training refiner may tune (scales, zeros, envelopes)
+    trainable: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params=None):
+        self.params = params if params is not None else self.Config()
+
+    @classmethod
+    def from_dict(cls, params: Mapping) -> "Format":
+        from .config import build_config
+
+        return cls(build_config(cls.Config, dict(params), "params"))
+
+    def to_dict(self) -> dict:
+        return attrs.asdict(self.params)
+
+    # -- required
+    def pack(self, fields: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def unpack(self, stored: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def dequantize(self, stored: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The fp32 weight ``[out, in]`` the stored tensors stand for; differentiable in float tensors."""
+        raise NotImplementedError
+
+    def expected_bits(self, shape: tuple[int, int]) -> int:
+        """Stored bits for a weight of ``shape``, from the format's formula."""
+        raise NotImplementedError
+
+    def example(self, shape: tuple[int, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random valid fields for ``shape`` (drives the conformance kit)."""
+        raise NotImplementedError
+
+    # -- provided
+    def stored_shapes(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Names, shapes and dtypes of the stored tensors for ``shape``."""
+        g = torch.Generator().manual_seed(0)
+        return {k: (tuple(v.shape), v.dtype) for k, v in self.pack(self.example(shape, g), shape).items()}
+
+    def check(self, stored: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> None:
+        """Raise FormatError unless ``stored`` has exactly the tensors this format expects."""
+        want = self.stored_shapes(shape)
+        if set(stored) != set(want):
+            raise FormatError(
+                f"format {self.name!r}: stored tensors {sorted(stored)} do not match expected {sorted(want)}"
+            )
+        for k, (s, dt) in want.items():
+            t = stored[k]
+            if tuple(t.shape) != s or t.dtype != dt:
+                raise FormatError(
+                    f"format {self.name!r}: tensor {k!r} is {tuple(t.shape)} {t.dtype}, expected {s} {dt}"
+                )
+
+    def bits_per_weight(self, stored: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> float:
+        return stored_bits(stored) / (shape[0] * shape[1])
+
+    def linear(self, x: torch.Tensor, stored: Mapping[str, torch.Tensor], shape, bias=None) -> torch.Tensor:
+        """``x @ Ŵᵀ + bias``; formats with a cheaper kernel than dequantize-then-matmul override it."""
+        W = self.dequantize(stored, shape).to(x.dtype)
+        return torch.nn.functional.linear(x, W, bias)
+
+
+class Quantizer:
+    """Compresses one linear layer (a LayerTask) into a registered format."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def quantize(self, task: LayerTask) -> Compressed:
+        raise NotImplementedError
+
+
+class Refiner:
+    """Improves the model at one scope.
+
+    * ``layer``: ``adjust(task) -> task`` before the quantizer runs (e.g. QEP).
+    * ``block``: ``refine_block(ctx) -> dict`` after a block is quantized.
+    * ``model``: ``refine_model(ctx) -> dict`` after the pivot checkpoint.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+    scope: ClassVar[str] = "layer"
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def applies_to(self, layer_name: str) -> bool:
+        return True
+
+
+class Planner:
+    """Chooses a quantizer and its config for every linear layer to compress."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def plan(self, inspection, quantizer: ComponentSpec | None, registry) -> dict[str, ComponentSpec]:
+        raise NotImplementedError
+
+
+class Backend:
+    """Where tensors live and how linear layers run."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def memory_report(self) -> dict:
+        return {}
+
+
+class Regularizer:
+    """Adds a penalty to a training refiner's loss, with init and step callbacks."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, config=None):
+        self.config = config if config is not None else self.Config()
+
+    def init(self, params: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+    def penalty(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.zeros(())
+
+    def step(self, params: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+    def report(self) -> dict:
+        return {}
+
+
+#: attributes the registry requires per kind
+REQUIRED = {
+    "quantizer": ("name", "Config", "needs", "quantize"),
+    "format": ("name", "version", "Config", "pack", "unpack", "dequantize", "expected_bits"),
+    "planner": ("name", "Config", "plan"),
+    "refiner": ("name", "Config", "scope"),
+    "backend": ("name", "Config"),
+    "regularizer": ("name", "Config", "penalty"),
+}

@@ -1,0 +1,264 @@
+"""The pipeline config: an attrs tree loaded from TOML, YAML, JSON or a dict, validated up front.
+
+Every error names its path (``refiners[1].alpha: must be in [0, 1]``) and what is
+allowed. Component tables (``{name = "gptq", bits = 4}``) are validated by the
+named component's own attrs ``Config`` through the registry, before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import attrs
+
+from .components import ComponentSpec
+from .errors import ConfigError
+
+# ------------------------------------------------------------------ validators
+
+
+def in_range(lo=None, hi=None, *, lo_open=False, hi_open=False):
+    """attrs validator: ``lo <= value <= hi`` (bounds optional, open if asked)."""
+
+    def check(inst, attribute, value):
+        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
+              (hi is not None and (value >= hi if hi_open else value > hi))
+        if bad or isinstance(value, bool):
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            raise ConfigError(attribute.name, f"must be in {left}{'-inf' if lo is None else lo}, "
+                                              f"{'inf' if hi is None else hi}{right}, got {value!r}")
+
+    return check
+
+
+def one_of(*allowed):
+    """attrs validator: value is one of ``allowed``."""
+
+    def check(inst, attribute, value):
+        if value not in allowed:
+            raise ConfigError(attribute.name, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+    return check
+
+
+def _type_check(cls, attribute, value, path):
+    """Check a raw value against an attrs field's annotated type where it is a simple one."""
+    typ = attribute.type
+    if isinstance(typ, str):
+        try:
+            typ = typing.get_type_hints(cls)[attribute.name]
+        except Exception:
+            return value
+    simple = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if typ in simple:
+        ok = (isinstance(value, typ) and not (typ is int and isinstance(value, bool))) or \
+             (typ is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(path, f"must be {simple[typ]}, got {value!r}")
+        return float(value) if typ is float else value
+    return value
+
+
+def build_config(cls, params: Mapping[str, Any], path: str = ""):
+    """Instantiate attrs class ``cls`` from ``params``; errors name ``path.field`` and allowed keys."""
+    if not isinstance(params, Mapping):
+        raise ConfigError(path, f"must be a table, got {params!r}")
+    fields = {a.name: a for a in attrs.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}" if path else unknown[0],
+                          f"unknown key; allowed: {', '.join(fields) if fields else 'none'}")
+    kwargs = {}
+    for key, value in params.items():
+        sub = f"{path}.{key}" if path else key
+        kwargs[key] = _type_check(cls, fields[key], value, sub)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise exc.under(path) if path else exc from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(path, str(exc)) from None
+
+
+# ------------------------------------------------------------------ the pipeline config
+
+
+def _positive(inst, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(attribute.name, f"must be a positive integer, got {value!r}")
+
+
+@attrs.define
+class ModelSection:
+    """Which model to compress: the embedded default, an HF id or directory, or a .gguf file."""
+
+    id: str = "smollm2-135m"
+    dtype: str = attrs.field(default="float32", validator=one_of("float32", "bfloat16", "float16"))
+    trust_remote_code: bool = False
+
+
+@attrs.define
+class CorpusSpec:
+    """One calibration corpus and its weight in a mix."""
+
+    source: str = "kjv"
+    weight: float = attrs.field(default=1.0, validator=in_range(0, None, lo_open=True))
+    split: str = "train"
+    text_field: str = "text"
+
+
+@attrs.define
+class CalibrationSection:
+    """Calibration text and how many windows of how many tokens to draw from it."""
+
+    corpus: list = attrs.Factory(lambda: [CorpusSpec()])
+    samples: int = attrs.field(default=128, validator=_positive)
+    seq_len: int = attrs.field(default=512, validator=_positive)
+    seed: int = 0
+    batch_size: int = attrs.field(default=8, validator=_positive)
+
+
+@attrs.define
+class EvaluationSection:
+    """Perplexity texts (BENCHMARK.md): ``kjv-gospels``, ``pydoc-topics`` or a text file path."""
+
+    texts: list = attrs.Factory(lambda: ["kjv-gospels", "pydoc-topics"])
+    windows: int = attrs.field(default=40, validator=_positive)
+    seq_len: int = attrs.field(default=512, validator=_positive)
+    batch_size: int = attrs.field(default=8, validator=_positive)
+    before: bool = True
+
+
+@attrs.define
+class OutputSection:
+    dir: str = "runs/default"
+
+
+@attrs.define
+class PipelineConfig:
+    """The whole pipeline, as a user writes it in a config file."""
+
+    model: ModelSection = attrs.Factory(ModelSection)
+    calibration: CalibrationSection = attrs.Factory(CalibrationSection)
+    planner: ComponentSpec | None = None
+    quantizer: ComponentSpec | None = None
+    refiners: list = attrs.Factory(list)  # list[ComponentSpec]; regularizers ride inside refiner configs
+    backend: ComponentSpec | None = None
+    evaluation: EvaluationSection = attrs.Factory(EvaluationSection)
+    output: OutputSection = attrs.Factory(OutputSection)
+    seed: int = 0
+    raw: dict = attrs.Factory(dict)
+
+    def to_dict(self) -> dict:
+        return self.raw
+
+
+DEFAULT_PIPELINE = {
+    "model": {"id": "smollm2-135m"},
+    "calibration": {"corpus": "kjv", "samples": 128, "seq_len": 512},
+    "plan": {"planner": "uniform",
+             "quantizer": {"name": "gptq", "bits": 4, "group_size": 128}},
+    "output": {"dir": "runs/default"},
+}
+
+_TOP_KEYS = ("model", "calibration", "plan", "refiners", "backend", "evaluation", "output", "seed", "plugins")
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """Parse a TOML, YAML or JSON config file into a dict."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError("", f"config file {str(p)!r} does not exist")
+    text = p.read_text()
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+        if suffix == ".json":
+            return json.loads(text)
+    except Exception as exc:
+        raise ConfigError("", f"cannot parse {p}: {exc}") from None
+    raise ConfigError("", f"config file {p} must end in .toml, .yaml, .yml or .json")
+
+
+def _corpora(value, path: str) -> list[CorpusSpec]:
+    if isinstance(value, (str, Mapping)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a corpus name, a path, or a list of {source, weight} tables")
+    out = []
+    for i, item in enumerate(value):
+        item = {"source": item} if isinstance(item, str) else item
+        out.append(build_config(CorpusSpec, item, f"{path}[{i}]"))
+    return out
+
+
+def load_config(source: str | os.PathLike | Mapping | None = None, registry=None) -> PipelineConfig:
+    """Validate a whole pipeline config (a path, a dict, or None for the embedded default)."""
+    from .registry import Registry
+
+    registry = registry or Registry.default()
+    raw = DEFAULT_PIPELINE if source is None else (dict(source) if isinstance(source, Mapping) else read_file(source))
+    unknown = sorted(set(raw) - set(_TOP_KEYS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown section; allowed: {', '.join(_TOP_KEYS)}")
+    _check_required_plugins(raw.get("plugins", {}))
+
+    model = build_config(ModelSection, raw.get("model", {}), "model")
+    cal = dict(raw.get("calibration", {}))
+    corpus = _corpora(cal.pop("corpus", "kjv"), "calibration.corpus")
+    calibration = build_config(CalibrationSection, cal, "calibration")
+    calibration.corpus = corpus
+    evaluation = build_config(EvaluationSection, raw.get("evaluation", {}), "evaluation")
+    output = build_config(OutputSection, raw.get("output", {}), "output")
+
+    plan = dict(raw.get("plan", {}))
+    planner_table = plan.pop("planner", "uniform")
+    quantizer_table = plan.pop("quantizer", None)
+    if isinstance(planner_table, str):
+        planner_table = {"name": planner_table, **plan}  # extra [plan] keys are the planner's params
+    elif plan:
+        raise ConfigError(f"plan.{sorted(plan)[0]}", "unknown key; put planner params in the planner table")
+    planner = registry.resolve("planner", planner_table, "plan.planner")
+    quantizer = registry.resolve("quantizer", quantizer_table, "plan.quantizer") if quantizer_table else None
+
+    refiners = []
+    tables = raw.get("refiners", [])
+    if not isinstance(tables, list):
+        raise ConfigError("refiners", "must be a list of refiner tables ([[refiners]] in TOML)")
+    for i, table in enumerate(tables):
+        refiners.append(registry.resolve("refiner", table, f"refiners[{i}]"))
+    backend = registry.resolve("backend", raw.get("backend", "torch"), "backend")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError("seed", f"must be an integer, got {seed!r}")
+    return PipelineConfig(model=model, calibration=calibration, planner=planner, quantizer=quantizer,
+                          refiners=refiners, backend=backend, evaluation=evaluation, output=output,
+                          seed=seed, raw=json.loads(json.dumps(raw, default=str)))
+
+
+def _check_required_plugins(section) -> None:
+    """``[plugins] require = ["onecomp-gptq>=0.1"]``: fail early when a distribution is missing."""
+    if not section:
+        return
+    if not isinstance(section, Mapping) or set(section) - {"require"}:
+        raise ConfigError("plugins", "allowed key: require (a list of distribution requirements)")
+    from importlib.metadata import PackageNotFoundError, version
+
+    for i, req in enumerate(section.get("require", [])):
+        name = str(req).split(">")[0].split("=")[0].split("<")[0].strip()
+        try:
+            version(name)
+        except PackageNotFoundError:
+            raise ConfigError(f"plugins.require[{i}]", f"{name} is not installed: pip install {req!r}") from None

@@ -1,0 +1,5 @@
+"""Perplexity exactly as BENCHMARK.md defines it."""
+
+from .perplexity import eval_windows, perplexity
+
+__all__ = ["eval_windows", "perplexity"]

