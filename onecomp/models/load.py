@@ -69,13 +69,32 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, cached)
+        _save_plain(model, tokenizer, cached)
     except OSError as exc:  # a read-only home is not fatal: we just convert again next time
         log.warning("could not cache the converted model: %s", exc)
-    return model.to(dtype), tokenizer
+        return model.to(dtype), tokenizer
+    return _from_dir(cached, dtype)
+
+
+def _save_plain(model, tokenizer, path: Path) -> None:
+    """An ordinary HF directory (fp32 safetensors) from a model transformers marks as GGUF-quantized."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ..checkpoint.io import _tensors_to_save
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_file(_tensors_to_save(model), tmp / "model.safetensors", metadata={"format": "pt"})
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def _from_dir(path: Path, dtype: torch.dtype, **kw):

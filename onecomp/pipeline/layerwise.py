@@ -1,0 +1,187 @@
+"""The layer-wise stage: block by block, capture → layer refiners → quantizer → QuantLinear.
+
+Each finished block is saved to ``<out>/.work/layerwise/`` so that a crash loses nothing:
+on resume, saved blocks are re-applied and only the activations are recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import attrs
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..calibration import BlockInputs, capture_block, first_block_inputs, propagate
+from ..checkpoint import QuantLinear
+from ..components import LayerStats, LayerTask
+from .report import BlockReport, LayerReport
+
+
+@attrs.define
+class LayerwiseContext:
+    model: torch.nn.Module
+    inspection: object
+    plan: dict  # full linear name -> ComponentSpec of its quantizer
+    refiners: list  # layer-scope refiner instances
+    registry: object
+    windows: torch.Tensor
+    batch_size: int
+    work_dir: Path
+    seed: int = 0
+    progress: bool = True
+    run_info: object = None
+
+
+def _replace(model, name: str, module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _key(spec) -> str:
+    return json.dumps(spec.to_dict(), sort_keys=True, default=str)
+
+
+def relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None) -> float:
+    """‖(W − Ŵ)X‖² / ‖WX‖² from the Hessian when there is one, else the plain weight error."""
+    E = W - W_hat
+    if H is None:
+        return float(E.square().sum() / W.square().sum().clamp(min=1e-30))
+    return float(((E @ H) * E).sum() / ((W @ H) * W).sum().clamp(min=1e-30))
+
+
+class _BlockStore:
+    """Finished blocks on disk: ``block-NNN.safetensors`` + ``block-NNN.json``, written atomically."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, b):
+        return self.root / f"block-{b:03d}.safetensors", self.root / f"block-{b:03d}.json"
+
+    def has(self, b) -> bool:
+        return self._paths(b)[1].exists()
+
+    def save(self, b, modules: dict, reports: list) -> None:
+        st, js = self._paths(b)
+        tensors = {f"{name}::{k}": v.contiguous() for name, m in modules.items() for k, v in m.stored().items()}
+        tmp = st.with_name(st.name + ".tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, st)
+        meta = {name: {"format": m.format.name, "params": m.format.to_dict(), "shape": list(m.shape)}
+                for name, m in modules.items()}
+        tmp = js.with_name(js.name + ".tmp")
+        tmp.write_text(json.dumps({"modules": meta, "layers": [attrs.asdict(r) for r in reports]}))
+        os.replace(tmp, js)
+
+    def load(self, b, registry):
+        st, js = self._paths(b)
+        meta = json.loads(js.read_text())
+        tensors = load_file(st)
+        out = {}
+        for name, m in meta["modules"].items():
+            fmt = registry.get("format", m["format"]).from_dict(m["params"])
+            stored = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+            out[name] = (fmt, tuple(m["shape"]), stored)
+        return out, [LayerReport(**r) for r in meta["layers"]]
+
+
+def run_layerwise(ctx: LayerwiseContext) -> dict:
+    """Quantize every planned linear layer, block by block; returns per-layer reports."""
+    model, insp, registry = ctx.model, ctx.inspection, ctx.registry
+    blocks = model.get_submodule(insp.blocks_path)
+    quantizers = {}  # one instance per distinct quantizer spec
+    for spec in ctx.plan.values():
+        if _key(spec) not in quantizers:
+            quantizers[_key(spec)] = registry.create(spec)
+    store = _BlockStore(ctx.work_dir)
+    need_fp = any("cross" in r.needs for r in ctx.refiners)
+
+    q_in = first_block_inputs(model, blocks, ctx.windows, ctx.batch_size)
+    fp_in = q_in.clone() if need_fp else None
+    reports: list[LayerReport] = []
+    bar = tqdm(total=len(blocks), desc="layer-wise", unit="block", disable=not ctx.progress)
+    for b, info in enumerate(insp.blocks):
+        block = blocks[b]
+        t0 = time.perf_counter()
+        if store.has(b):  # resume: re-apply, recompute activations only
+            if fp_in is not None:
+                fp_in = propagate(block, fp_in)
+            saved, layer_reports = store.load(b, registry)
+            for name, (fmt, shape, stored) in saved.items():
+                old = model.get_submodule(name)
+                _replace(model, name, QuantLinear(fmt, shape, stored, getattr(old, "bias", None)))
+            reports += layer_reports
+            q_in = propagate(block, q_in)
+            bar.update(1)
+            continue
+
+        layer_reports, fp_out = _quantize_block(ctx, b, info, block, quantizers, q_in, fp_in)
+        done = {r.name: model.get_submodule(r.name) for r in layer_reports}
+        store.save(b, done, layer_reports)
+        reports += layer_reports
+        q_in = propagate(block, q_in)
+        fp_in = fp_out
+        if ctx.run_info is not None:
+            registry.hook.on_block_done(run=ctx.run_info,
+                                        block=BlockReport(b, time.perf_counter() - t0, layer_reports))
+        worst = max((r.rel_error or 0 for r in layer_reports), default=0)
+        bar.set_postfix_str(f"max rel err {worst:.2e}")
+        bar.update(1)
+    bar.close()
+    return {"layers": [attrs.asdict(r) for r in reports]}
+
+
+def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs, fp_in: BlockInputs | None):
+    registry = ctx.registry
+    planned = {rel: ctx.plan[f"{info.prefix}.{rel}"] for rel in info.linears if f"{info.prefix}.{rel}" in ctx.plan}
+    leaders, needs = {}, {}
+    for group in info.groups:
+        members = [rel for rel in group if rel in planned]
+        if not members:
+            continue
+        want = set()
+        for rel in members:
+            want |= set(quantizers[_key(planned[rel])].needs)
+            full = f"{info.prefix}.{rel}"
+            for r in ctx.refiners:
+                if r.applies_to(full):
+                    want |= set(r.needs)
+        leaders[group[0]] = block.get_submodule(group[0])
+        needs[group[0]] = want
+    stats, fp_out = capture_block(block, leaders, q_in, fp_in, needs)
+
+    reports = []
+    for group in info.groups:
+        for rel in group:
+            if rel not in planned:
+                continue
+            t0 = time.perf_counter()
+            full = f"{info.prefix}.{rel}"
+            linear = block.get_submodule(rel)
+            W = linear.weight.detach().float()
+            group_stats = stats.get(group[0])
+            task = LayerTask(name=full, W=W, stats=group_stats if group_stats is not None else LayerStats(),
+                             bias=linear.bias, group=f"{info.prefix}.{group[0]}", seed=ctx.seed, original_W=W)
+            for r in ctx.refiners:
+                if r.applies_to(full):
+                    task = r.adjust(task)
+            compressed = quantizers[_key(planned[rel])].quantize(task)
+            fmt = registry.get("format", compressed.format).from_dict(compressed.params)
+            fmt.check(compressed.tensors, compressed.shape)
+            q = QuantLinear.from_compressed(fmt, compressed, linear.bias)
+            W_hat = q.dequantize()
+            q._cache = W_hat.to(W.dtype)  # the first forward would compute the same
+            err = relative_error(W, W_hat, task.stats.H)
+            _replace(block, rel, q.to(W.device))
+            rep = LayerReport(full, fmt.name, q.bits() / W.numel(), err, time.perf_counter() - t0,
+                              {k: v for k, v in compressed.info.items() if isinstance(v, (int, float, str))})
+            reports.append(rep)
+            if ctx.run_info is not None:
+                registry.hook.on_layer_quantized(run=ctx.run_info, layer=rep)
+    return reports, fp_out

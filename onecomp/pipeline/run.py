@@ -1,0 +1,196 @@
+"""plan → layer-wise stage → pivot checkpoint → later stages → final report.
+
+Output directory layout::
+
+    <out>/run.json                 run state: config, fp perplexities, finished stages
+    <out>/01-layerwise/            the pivot checkpoint (HF dir + model.safetensors + onecomp.json)
+    <out>/02-<refiner>/            one checkpoint per later stage
+    <out>/reports/NN-<stage>.{json,md}
+    <out>/report.{json,md}         the whole run
+    <out>/.work/                   per-block progress of the running stage (removed when it ends)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import torch
+
+from ..calibration import calibration_windows
+from ..checkpoint import bits_summary, save_checkpoint
+from ..config import PipelineConfig, load_config
+from ..errors import OneCompError
+from ..evaluation import eval_windows, perplexity
+from ..models import inspect_model, load_model
+from ..registry import Registry
+from .layerwise import LayerwiseContext, run_layerwise
+from .report import (CheckpointInfo, PeakMemory, RunInfo, StageInfo, StageReport, Timer, run_markdown,
+                     stage_markdown, write_json)
+
+log = logging.getLogger("onecomp")
+
+
+@attrs.define
+class StageContext:
+    """What a block- or model-scope refiner gets: the model, its fp teacher, calibration data."""
+
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    inspection: object
+    windows: torch.Tensor
+    batch_size: int
+    registry: object
+    regularizers: list
+    seed: int
+    progress: bool
+    work_dir: Path
+
+
+class RunError(OneCompError):
+    pass
+
+
+def _stage_dir(out: Path, index: int, name: str) -> Path:
+    return out / f"{index:02d}-{name}"
+
+
+def _prepare_out(out: Path, config: dict, resume: bool, force: bool) -> dict:
+    state_path = out / "run.json"
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if force:
+            shutil.rmtree(out)
+        elif state.get("config") == config or resume:
+            if state.get("config") != config:
+                raise RunError(f"{out} holds a run with a different config; use another output.dir or --force")
+            log.info("resuming the run in %s", out)
+            return state
+        else:
+            raise RunError(f"{out} holds a run with a different config; pass --force to start over "
+                           "or choose another output.dir")
+    elif resume:
+        raise RunError(f"nothing to resume: {state_path} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"config": config, "before": {}, "stages": []}
+    write_json(state_path, state)
+    return state
+
+
+def _say(msg: str, progress: bool) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run(source=None, *, registry: Registry | None = None, resume: bool = False, force: bool = False,
+        output: str | None = None, progress: bool = True) -> dict:
+    """Run a whole pipeline and return the run report (also written to ``<out>/report.json``)."""
+    registry = registry or Registry.default()
+    cfg: PipelineConfig = load_config(source, registry)  # every name and value checked before any work
+    if output:
+        cfg.output.dir = output
+    out = Path(cfg.output.dir)
+    state = _prepare_out(out, cfg.raw, resume, force)
+    t_run = time.perf_counter()
+    backend = registry.create(cfg.backend)
+    device = backend.device()
+    torch.manual_seed(cfg.seed)
+
+    _say(f"loading {cfg.model.id} …", progress)
+    loaded = load_model(cfg.model.id, cfg.model.dtype, cfg.model.trust_remote_code)
+    model, tok = loaded.model.to(device), loaded.tokenizer
+    inspection = inspect_model(model)
+    planner = registry.create(cfg.planner)
+    plan = planner.plan(inspection, cfg.quantizer, registry)
+    if not plan:
+        raise RunError("the plan selects no layer to quantize; check plan.planner's ignore list")
+    run_info = RunInfo(config=cfg.raw, out_dir=out, model=cfg.model.id,
+                       plan={k: v.to_dict() for k, v in plan.items()})
+    registry.hook.on_run_start(run=run_info)
+
+    evals = {t: eval_windows(tok, t, cfg.evaluation.windows, cfg.evaluation.seq_len) for t in cfg.evaluation.texts}
+
+    def evaluate(m, label):
+        return {t: perplexity(m, w, cfg.evaluation.batch_size, progress, desc=f"ppl {t} ({label})")
+                for t, w in evals.items()}
+
+    if cfg.evaluation.before and not state["before"]:
+        _say("evaluating the fp model …", progress)
+        state["before"] = evaluate(model, "fp")
+        state["before_bits"] = {"dense_bits_per_weight": torch.finfo(next(model.parameters()).dtype).bits}
+        write_json(out / "run.json", state)
+
+    calib = calibration_windows(tok, cfg.calibration.corpus, cfg.calibration.samples, cfg.calibration.seq_len,
+                                cfg.calibration.seed)
+    by_scope = {"layer": [], "later": []}
+    for spec in cfg.refiners:
+        scope = registry.get("refiner", spec.name).scope
+        by_scope["layer" if scope == "layer" else "later"].append(spec)
+    stages = [("layerwise", "layer", None)] + [(s.name, registry.get("refiner", s.name).scope, s)
+                                                for s in by_scope["later"]]
+    finished = {s["name"]: s for s in state["stages"]}
+    (out / "reports").mkdir(exist_ok=True)
+
+    for index, (name, scope, spec) in enumerate(stages, start=1):
+        ckpt = _stage_dir(out, index, name)
+        if name in finished and (ckpt / "onecomp.json").exists():
+            _say(f"stage {index} {name}: already done, loading {ckpt}", progress)
+            from ..checkpoint import load
+
+            model = load(ckpt, registry).to(device)
+            continue
+        info = StageInfo(name, scope, index)
+        registry.hook.on_stage_start(run=run_info, stage=info)
+        work = out / ".work" / f"{index:02d}-{name}"
+        with Timer() as timer, PeakMemory() as mem:
+            if scope == "layer":
+                ctx = LayerwiseContext(model, inspection, plan, [registry.create(s) for s in by_scope["layer"]],
+                                       registry, calib, cfg.calibration.batch_size, work, cfg.seed, progress,
+                                       run_info)
+                details = run_layerwise(ctx)
+            else:
+                details = _refine_stage(registry, spec, scope, model, cfg, inspection, calib, work, progress)
+        bits = bits_summary(model)
+        _say(f"stage {index} {name}: evaluating …", progress)
+        ppl = evaluate(model, name)
+        report = StageReport(name, index, scope, str(ckpt), ppl, bits, timer.seconds, mem.peak_mb, details)
+        history = [s for s in state["stages"]] + [{k: v for k, v in report.to_dict().items() if k != "details"}]
+        manifest = save_checkpoint(model, tok, ckpt, registry, base_model=cfg.model.id, config=cfg.raw,
+                                   stages=history)
+        registry.hook.on_checkpoint_written(run=run_info, checkpoint=CheckpointInfo(ckpt, manifest))
+        write_json(out / "reports" / f"{index:02d}-{name}.json", report.to_dict())
+        (out / "reports" / f"{index:02d}-{name}.md").write_text(stage_markdown(report, state["before"]))
+        state["stages"] = history
+        write_json(out / "run.json", state)
+        shutil.rmtree(work, ignore_errors=True)
+        registry.hook.on_stage_end(run=run_info, stage=report)
+        _say(stage_markdown(report, state["before"]), progress)
+
+    total = time.perf_counter() - t_run
+    result = {"model": cfg.model.id, "output": str(out), "before": state["before"], "stages": state["stages"],
+              "seconds_this_session": total}
+    for s in result["stages"]:
+        s["bits"]["dense_bits_per_weight"] = state.get("before_bits", {}).get("dense_bits_per_weight")
+    write_json(out / "report.json", result)
+    md = run_markdown(cfg.model.id, state["before"], state["stages"], total)
+    (out / "report.md").write_text(md)
+    shutil.rmtree(out / ".work", ignore_errors=True)
+    return result
+
+
+def _refine_stage(registry, spec, scope, model, cfg, inspection, calib, work, progress) -> dict:
+    """A block- or model-scope refiner stage, with its regularizers resolved from the registry."""
+    refiner = registry.create(spec)
+    regs = [registry.create(registry.resolve("regularizer", r, f"refiners.{spec.name}.regularizers[{i}]"))
+            for i, r in enumerate(getattr(spec.config, "regularizers", []) or [])]
+    teacher = load_model(cfg.model.id, cfg.model.dtype, cfg.model.trust_remote_code).model
+    ctx = StageContext(model, teacher, inspection, calib, cfg.calibration.batch_size, registry, regs, cfg.seed,
+                       progress, work)
+    if scope == "block":
+        return refiner.refine_block(ctx) or {}
+    return refiner.refine_model(ctx) or {}

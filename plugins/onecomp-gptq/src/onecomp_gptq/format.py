@@ -1,0 +1,155 @@
+"""Format ``gptq``: ``Ŵ_ij = s_g (q_ij − z_g)`` with b-bit codes packed into int32 words.
+
+Stored tensors, for a weight ``[out, in]`` with ``G = ceil(in / g)`` groups per row
+(the last group may be shorter; ``g = in`` when ``group_size = -1``):
+
+=========  ==========================  =====================================================
+qweight    int32 ``[out, ceil(in·b/32)]``  codes, a little-endian bit stream per row
+qzeros     int32 ``[out, ceil(G·b/32)]``   zero points, b-bit codes packed the same way
+scales     float16 ``[out, G]``            step sizes
+g_idx      int16 ``[in]``                 group of each input column (only with ``act_order``)
+=========  ==========================  =====================================================
+
+Bits per weight = b + (16 + b)/g (+ 16/out with act_order), exactly when ``in·b`` and
+``G·b`` are multiples of 32; otherwise the padding of each row's last word counts too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+from onecomp import ConfigError, Format, FormatError, in_range
+
+
+@attrs.define
+class GPTQParams:
+    bits: int = attrs.field(default=4, validator=in_range(1, 8))
+    group_size: int = 128  # -1: one group per row
+    act_order: bool = False  # columns carry a g_idx (quantized in a permuted order)
+
+    def __attrs_post_init__(self):
+        if self.group_size != -1 and self.group_size < 1:
+            raise ConfigError("group_size", f"must be -1 (per channel) or a positive integer, got {self.group_size}")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[rows, n]`` integer codes in [0, 2^bits) → ``[rows, ceil(n·bits/32)]`` int32 words.
+
+    Each row is a little-endian bit stream: code ``j`` occupies bits ``j·bits … j·bits+bits−1``;
+    a code may straddle two words. The last word of a row is zero-padded.
+    """
+    rows, n = codes.shape
+    words = math.ceil(n * bits / 32)
+    offset = torch.arange(n, device=codes.device) * bits
+    word, shift = offset // 32, offset % 32
+    value = codes.long() << shift  # < 2^40: fits int64, may spill into the next word
+    out = torch.zeros(rows, words + 1, dtype=torch.long, device=codes.device)
+    out.scatter_add_(1, word.expand(rows, n), value & 0xFFFFFFFF)
+    out.scatter_add_(1, (word + 1).expand(rows, n), value >> 32)
+    out = out[:, :words]
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Inverse of pack_codes: ``[rows, words]`` int32 → ``[rows, n]`` int64 codes."""
+    rows = packed.shape[0]
+    unsigned = packed.long() & 0xFFFFFFFF
+    unsigned = torch.cat([unsigned, torch.zeros(rows, 1, dtype=torch.long, device=packed.device)], 1)
+    offset = torch.arange(n, device=packed.device) * bits
+    word, shift = offset // 32, offset % 32
+    both = unsigned[:, word] | (unsigned[:, word + 1] << 32)
+    return (both >> shift) & (2**bits - 1)
+
+
+class GPTQFormat(Format):
+    """Integer group quantization with fp16 scales and b-bit zero points."""
+
+    name = "gptq"
+    version = 1
+    Config = GPTQParams
+    trainable = ("scales",)
+
+    def _groups(self, shape) -> tuple[int, int]:
+        g = shape[1] if self.params.group_size == -1 else self.params.group_size
+        return g, math.ceil(shape[1] / g)
+
+    def default_g_idx(self, shape) -> torch.Tensor:
+        g, _ = self._groups(shape)
+        return torch.arange(shape[1]) // g
+
+    def pack(self, fields, shape):
+        out, inp = shape
+        b = self.params.bits
+        g, G = self._groups(shape)
+        q, zeros, scales = fields["q"], fields["zeros"], fields["scales"]
+        if tuple(q.shape) != (out, inp) or tuple(zeros.shape) != (out, G) or tuple(scales.shape) != (out, G):
+            raise FormatError(f"gptq: fields q {tuple(q.shape)}, zeros {tuple(zeros.shape)}, scales "
+                              f"{tuple(scales.shape)} do not fit shape {shape} with {G} groups")
+        for nm, t in (("q", q), ("zeros", zeros)):
+            if t.numel() and (t.min() < 0 or t.max() >= 2**b):
+                raise FormatError(f"gptq: {nm} codes must lie in [0, {2**b - 1}] for {b} bits")
+        stored = {"qweight": pack_codes(q, b), "qzeros": pack_codes(zeros, b),
+                  "scales": scales.to(torch.float16).contiguous()}
+        if self.params.act_order:
+            if G > 2**15:
+                raise FormatError(f"gptq: {G} groups do not fit the int16 g_idx")
+            g_idx = fields["g_idx"]
+            counts = torch.bincount(g_idx.long(), minlength=G)
+            if g_idx.shape != (inp,) or g_idx.min() < 0 or g_idx.max() >= G or (counts > g).any():
+                raise FormatError(f"gptq: g_idx must be [{inp}] with values in [0, {G}) and ≤ {g} columns per group")
+            stored["g_idx"] = g_idx.to(torch.int16).contiguous()
+        return stored
+
+    def unpack(self, stored, shape):
+        out, inp = shape
+        b = self.params.bits
+        _, G = self._groups(shape)
+        fields = {"q": unpack_codes(stored["qweight"], inp, b), "zeros": unpack_codes(stored["qzeros"], G, b),
+                  "scales": stored["scales"]}
+        if self.params.act_order:
+            fields["g_idx"] = stored["g_idx"].long()
+        return fields
+
+    def dequantize(self, stored, shape):
+        f = self.unpack(stored, shape)
+        g_idx = f["g_idx"] if self.params.act_order else self.default_g_idx(shape).to(f["q"].device)
+        s = f["scales"].float()[:, g_idx]
+        z = f["zeros"].float()[:, g_idx]
+        return s * (f["q"].float() - z)
+
+    def stored_shapes(self, shape):
+        out, inp = shape
+        b = self.params.bits
+        _, G = self._groups(shape)
+        shapes = {"qweight": ((out, math.ceil(inp * b / 32)), torch.int32),
+                  "qzeros": ((out, math.ceil(G * b / 32)), torch.int32),
+                  "scales": ((out, G), torch.float16)}
+        if self.params.act_order:
+            shapes["g_idx"] = ((inp,), torch.int16)
+        return shapes
+
+    def expected_bits(self, shape):
+        out, inp = shape
+        b = self.params.bits
+        _, G = self._groups(shape)
+        bits = out * 32 * (math.ceil(inp * b / 32) + math.ceil(G * b / 32)) + out * G * 16
+        return bits + (16 * inp if self.params.act_order else 0)
+
+    def example(self, shape, generator):
+        out, inp = shape
+        b = self.params.bits
+        g, G = self._groups(shape)
+        fields = {
+            "q": torch.randint(0, 2**b, (out, inp), generator=generator),
+            "zeros": torch.randint(0, 2**b, (out, G), generator=generator),
+            "scales": (torch.rand(out, G, generator=generator) * 0.1 + 1e-3).to(torch.float16),
+        }
+        if self.params.act_order:
+            perm = torch.randperm(inp, generator=generator)
+            g_idx = torch.empty(inp, dtype=torch.long)
+            g_idx[perm] = torch.arange(inp) // g
+            fields["g_idx"] = g_idx
+        return fields

@@ -1,0 +1,178 @@
+"""GPTQ and RTN: both emit the ``gptq`` format.
+
+GPTQ minimises ‖WX − ŴX‖² one column at a time, spreading each column's rounding error
+over the not-yet-quantized columns through the upper Cholesky factor of H⁻¹, in lazy
+blocks of ``block_size`` columns (Frantar et al., 2022, Alg. 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+from onecomp import Compressed, ConfigError, LayerTask, Quantizer, in_range
+
+from .format import GPTQFormat, GPTQParams
+from .grid import codes, find_params
+
+
+def _check_group(inst, attribute, value):
+    if value != -1 and value < 1:
+        raise ConfigError(attribute.name, f"must be -1 (per channel) or a positive integer, got {value}")
+
+
+@attrs.define
+class RTNConfig:
+    bits: int = attrs.field(default=4, validator=in_range(1, 8))
+    group_size: int = attrs.field(default=128, validator=_check_group)
+    sym: bool = False
+    mse: bool = False
+
+
+@attrs.define
+class GPTQConfig:
+    bits: int = attrs.field(default=4, validator=in_range(1, 8))
+    group_size: int = attrs.field(default=128, validator=_check_group)
+    sym: bool = False
+    act_order: bool = True
+    damp: float = attrs.field(default=0.01, validator=in_range(0, None))
+    block_size: int = attrs.field(default=128, validator=in_range(1, None))
+    mse: bool = False
+
+
+def _check_finite(task: LayerTask) -> None:
+    if not torch.isfinite(task.W).all():
+        raise ValueError(f"{task.name}: the weight has non-finite values")
+
+
+def _pack(task, q, scale, zero, bits, group_size, g_idx=None) -> Compressed:
+    params = GPTQParams(bits=bits, group_size=group_size, act_order=g_idx is not None)
+    fields = {"q": q.long(), "zeros": zero.long(), "scales": scale}
+    if g_idx is not None:
+        fields["g_idx"] = g_idx
+    fmt = GPTQFormat(params)
+    return Compressed("gptq", attrs.asdict(params), fmt.pack(fields, task.shape), task.shape)
+
+
+def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool = False, mse: bool = False):
+    """Round to nearest per group: codes ``[out, in]``, scales and zeros ``[out, G]``."""
+    out, inp = W.shape
+    g = inp if group_size == -1 else group_size
+    maxq = 2**bits - 1
+    q, scales, zeros = torch.empty_like(W), [], []
+    for c in range(0, inp, g):
+        s, z = find_params(W[:, c:c + g], bits, sym, mse)
+        q[:, c:c + g] = codes(W[:, c:c + g], s[:, None], z[:, None], maxq)
+        scales.append(s)
+        zeros.append(z)
+    return q, torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+class RTN(Quantizer):
+    """Round to nearest on the min-max (or MSE-searched) grid; needs no calibration data."""
+
+    name = "rtn"
+    Config = RTNConfig
+    needs = frozenset()
+
+    def quantize(self, task: LayerTask) -> Compressed:
+        _check_finite(task)
+        c = self.config
+        q, s, z = rtn_quantize(task.W.float(), c.bits, c.group_size, c.sym, c.mse)
+        return _pack(task, q, s, z, c.bits, c.group_size)
+
+
+def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+    """Upper U with UᵀU = H⁻¹, from one Cholesky of the flipped H: U = J·L̃⁻¹·J where JHJ = L̃L̃ᵀ."""
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
+                  act_order: bool = True, damp: float = 0.01, block_size: int = 128, mse: bool = False):
+    """GPTQ on ``W [out, in]`` with Hessian ``H [in, in]``.
+
+    Returns ``(q, scales, zeros, g_idx, losses)``: codes in the original column order,
+    per-group grids (group ``k`` = permuted columns ``k·g … k·g+g−1``), ``g_idx`` (None
+    without act_order) and the per-column losses ``(w − q)² / (2 [H⁻¹]_cc)`` whose sum
+    equals ``tr(E H Eᵀ)/2`` for the damped H.
+    """
+    W = W.clone().float()
+    H = H.clone().double()
+    out, cols = W.shape
+    maxq = 2**bits - 1
+    g = cols if group_size == -1 else group_size
+    n_groups = math.ceil(cols / g)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    if damp > 0:
+        H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    Hinv = inverse_cholesky_upper(H).float()
+
+    Q = torch.zeros_like(W)
+    Err = torch.zeros_like(W)  # (w − q)/d per column: the loss of a column is err²/2
+    scales = torch.zeros(out, n_groups)
+    zeros = torch.zeros(out, n_groups)
+    if group_size == -1:
+        scale, zero = find_params(W, bits, sym, mse)
+        scales[:, 0], zeros[:, 0] = scale, zero
+    diag = Hinv.diagonal().tolist()
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size != -1 and col % g == 0:
+                # the grid of a group comes from the current, error-updated weights; columns
+                # past this lazy block get the pending updates applied first
+                hi = min(col + g, cols)
+                current = W1[:, i:min(hi, i2) - i1]
+                if hi > i2:
+                    pending = W[:, i2:hi] - Err[:, i1:col] @ Hinv[i1:col, i2:hi]
+                    current = torch.cat([current, pending], 1)
+                scale, zero = find_params(current, bits, sym, mse)
+                scales[:, col // g], zeros[:, col // g] = scale, zero
+            w = W1[:, i]
+            qc = codes(w, scale, zero, maxq)
+            Q[:, col] = qc
+            err = (w - scale * (qc - zero)).div_(diag[col])
+            Err[:, col] = err
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+        W[:, i2:].addmm_(Err[:, i1:i2], Hinv[i1:i2, i2:], alpha=-1)
+    losses = Err.square_().div_(2)
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        losses = losses[:, inv]
+        g_idx = (torch.arange(cols) // g)[inv]
+    return Q, scales, zeros, g_idx, losses
+
+
+class GPTQ(Quantizer):
+    """GPTQ with damping, dead columns, act-order (g_idx), groups and an optional MSE grid."""
+
+    name = "gptq"
+    Config = GPTQConfig
+    needs = frozenset({"hessian"})
+
+    def quantize(self, task: LayerTask) -> Compressed:
+        _check_finite(task)
+        if task.stats.H is None:
+            raise ValueError(f"{task.name}: gptq needs the 'hessian' statistic")
+        c = self.config
+        q, s, z, g_idx, losses = gptq_quantize(task.W, task.stats.H, c.bits, c.group_size, c.sym, c.act_order,
+                                               c.damp, c.block_size, c.mse)
+        result = _pack(task, q, s, z, c.bits, c.group_size, g_idx)
+        result.info["loss"] = float(losses.sum())
+        return result
