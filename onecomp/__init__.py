@@ -11,7 +11,7 @@ Public API for users and plugin authors::
 __version__ = "0.1.0"
 
 from .components import (Backend, Compressed, ComponentSpec, Format, LayerStats, LayerTask, NoConfig, Planner,
-                         Quantizer, Refiner, Regularizer, stored_bits)
+                         Quantizer, Refiner, Regularizer, matches, stored_bits)
 from .config import in_range, one_of
 from .errors import (CheckpointError, ConfigError, DuplicateComponent, FormatError, ModelLoadError, OneCompError,
                      UnknownComponent)
@@ -34,6 +34,6 @@ def run(config=None, **kw):
 
 
 __all__ = ["Backend", "Compressed", "ComponentSpec", "Format", "LayerStats", "LayerTask", "NoConfig", "Planner",
-           "Quantizer", "Refiner", "Regularizer", "stored_bits", "in_range", "one_of", "CheckpointError",
+           "Quantizer", "Refiner", "Regularizer", "matches", "stored_bits", "in_range", "one_of", "CheckpointError",
            "ConfigError", "DuplicateComponent", "FormatError", "ModelLoadError", "OneCompError", "UnknownComponent",
            "hookimpl", "Registry", "load", "run", "__version__"]

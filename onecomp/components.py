@@ -89,6 +89,19 @@ class ComponentSpec:
         return {"name": self.name, **attrs.asdict(self.config, recurse=True)}
 
 
+def matches(name: str, patterns) -> bool:
+    """True if ``name`` equals a pattern, ends with ``.pattern``, or matches a ``re:<regex>`` pattern."""
+    import re
+
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.search(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
 def stored_bits(tensors: Mapping[str, torch.Tensor]) -> int:
     """Bits actually held by a set of stored tensors."""
     return sum(t.numel() * t.element_size() * 8 for t in tensors.values())

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import attrs
 
-from ..components import Planner
+from ..components import Planner, matches
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
-
-
-def matches(name: str, patterns) -> bool:
-    """True if ``name`` equals a pattern, or matches a ``re:`` regex pattern, or ends with ``.pattern``."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.search(p[3:], name):
-                return True
-        elif name == p or name.endswith("." + p):
-            return True
-    return False
 
 
 @attrs.define

@@ -16,9 +16,12 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.format = fmt
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
-        self.tensor_names = tuple(tensors)
         for k, v in tensors.items():
+            # before tensor_names exists: register_buffer probes hasattr(self, k), and for a tensor
+            # called "weight" (format dense) that evaluates the ``weight`` property, which must fail
+            # with AttributeError here rather than recurse
             self.register_buffer(k, v)
+        self.tensor_names = tuple(tensors)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._cache: torch.Tensor | None = None
 
@@ -31,7 +34,7 @@ class QuantLinear(nn.Module):
         return (self.out_features, self.in_features)
 
     def stored(self) -> dict:
-        return {k: getattr(self, k) for k in self.tensor_names}
+        return {k: self._buffers[k] for k in self.tensor_names}  # not getattr: ``weight`` is a property
 
     def dequantize(self) -> torch.Tensor:
         return self.format.dequantize(self.stored(), self.shape)

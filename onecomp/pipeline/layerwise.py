@@ -102,6 +102,8 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
     store = _BlockStore(ctx.work_dir)
     need_fp = any("cross" in r.needs for r in ctx.refiners)
 
+    if not need_fp and not any(q.needs for q in quantizers.values()) and not any(r.needs for r in ctx.refiners):
+        return _quantize_without_data(ctx, quantizers, store)  # e.g. RTN: no activations at all
     q_in = first_block_inputs(model, blocks, ctx.windows, ctx.batch_size)
     fp_in = q_in.clone() if need_fp else None
     reports: list[LayerReport] = []
@@ -112,11 +114,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         if store.has(b):  # resume: re-apply, recompute activations only
             if fp_in is not None:
                 fp_in = propagate(block, fp_in)
-            saved, layer_reports = store.load(b, registry)
-            for name, (fmt, shape, stored) in saved.items():
-                old = model.get_submodule(name)
-                _replace(model, name, QuantLinear(fmt, shape, stored, getattr(old, "bias", None)))
-            reports += layer_reports
+            reports += _apply_saved(ctx, store, b)
             q_in = propagate(block, q_in)
             bar.update(1)
             continue
@@ -137,7 +135,29 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
     return {"layers": [attrs.asdict(r) for r in reports]}
 
 
-def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs, fp_in: BlockInputs | None):
+def _quantize_without_data(ctx, quantizers, store) -> dict:
+    """Data-free quantizers: no calibration forward passes, block by block with resume."""
+    blocks = ctx.model.get_submodule(ctx.inspection.blocks_path)
+    reports = []
+    for b, info in enumerate(tqdm(ctx.inspection.blocks, desc="layer-wise", unit="block", disable=not ctx.progress)):
+        if store.has(b):
+            reports += _apply_saved(ctx, store, b)
+            continue
+        layer_reports, _ = _quantize_block(ctx, b, info, blocks[b], quantizers, None, None)
+        store.save(b, {r.name: ctx.model.get_submodule(r.name) for r in layer_reports}, layer_reports)
+        reports += layer_reports
+    return {"layers": [attrs.asdict(r) for r in reports]}
+
+
+def _apply_saved(ctx, store, b) -> list:
+    saved, layer_reports = store.load(b, ctx.registry)
+    for name, (fmt, shape, stored) in saved.items():
+        old = ctx.model.get_submodule(name)
+        _replace(ctx.model, name, QuantLinear(fmt, shape, stored, getattr(old, "bias", None)))
+    return layer_reports
+
+
+def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, fp_in: BlockInputs | None):
     registry = ctx.registry
     planned = {rel: ctx.plan[f"{info.prefix}.{rel}"] for rel in info.linears if f"{info.prefix}.{rel}" in ctx.plan}
     leaders, needs = {}, {}
@@ -154,7 +174,7 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs, fp_in: B
                     want |= set(r.needs)
         leaders[group[0]] = block.get_submodule(group[0])
         needs[group[0]] = want
-    stats, fp_out = capture_block(block, leaders, q_in, fp_in, needs)
+    stats, fp_out = capture_block(block, leaders, q_in, fp_in, needs) if q_in is not None else ({}, None)
 
     reports = []
     for group in info.groups:

@@ -1,0 +1,135 @@
+"""The ``onecomp`` command: run, plugins, inspect, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_run(args) -> int:
+    from .pipeline import run
+
+    result = run(args.config, resume=args.resume, force=args.force, output=args.output, progress=not args.quiet)
+    from pathlib import Path
+
+    print((Path(result["output"]) / "report.md").read_text())
+    return 0
+
+
+def _cmd_plugins(args) -> int:
+    from .registry import Registry
+
+    reg = Registry.default()
+    rows = [{"kind": e.kind, "name": e.name, "distribution": e.dist, "version": e.version, "plugin": e.plugin,
+             "config": _config_fields(e.cls.Config)} for e in reg.entries()]
+    errors = [{"plugin": e.plugin, "distribution": e.dist, "error": e.error} for e in reg.load_errors()]
+    if args.json:
+        print(json.dumps({"components": rows, "errors": errors}, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows) if rows else 4
+    for r in rows:
+        print(f"{r['kind']:<12} {r['name']:<{width}}  {r['distribution']} {r['version']}")
+    for e in errors:
+        print(f"FAILED       {e['plugin']:<{width}}  {e['distribution']}: {e['error']}")
+    return 0
+
+
+def _config_fields(cls) -> dict:
+    import attrs
+
+    out = {}
+    for a in attrs.fields(cls):
+        default = a.default.factory() if isinstance(a.default, attrs.Factory) else a.default
+        out[a.name] = default if isinstance(default, (int, float, str, bool, list, type(None))) else repr(default)
+    return out
+
+
+def _cmd_inspect(args) -> int:
+    from .models import inspect_model, load_model
+
+    loaded = load_model(args.model, args.dtype)
+    summary = inspect_model(loaded.model).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"model: {args.model} ({summary['model_type']}, {summary['parameters'] / 1e6:.1f} M parameters, "
+          f"hidden size {summary['hidden_size']})")
+    print(f"blocks: {summary['blocks']} at {summary['blocks_path']}")
+    print("linear layers per block (out, in):")
+    for name, shape in summary["linears_per_block"].items():
+        print(f"  {name:<24} {tuple(shape)}")
+    print("fused input groups: " + "; ".join("/".join(g) for g in summary["fused_groups"]))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluation import eval_windows, perplexity
+    from .models import load_model
+
+    loaded = load_model(args.model, args.dtype)
+    result = {}
+    for text in args.text:
+        windows = eval_windows(loaded.tokenizer, text, args.windows, args.seq_len)
+        result[text] = perplexity(loaded.model, windows, args.batch_size, progress=not args.quiet, desc=text)
+    if args.json:
+        print(json.dumps({"model": args.model, "ppl": result}, indent=2))
+    else:
+        for text, ppl in result.items():
+            print(f"{text}: ppl {ppl:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onecomp", description="Compress language models after training.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a pipeline (no CONFIG: the embedded default, GPTQ 4-bit g128 on SmolLM2-135M)")
+    r.add_argument("config", nargs="?", help="a .toml, .yaml or .json pipeline config")
+    r.add_argument("--resume", action="store_true", help="continue a crashed run in its output directory")
+    r.add_argument("--force", action="store_true", help="delete an existing run in the output directory first")
+    r.add_argument("--output", help="output directory (overrides output.dir)")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.set_defaults(func=_cmd_run)
+
+    pl = sub.add_parser("plugins", help="list installed components and plugin load errors")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_cmd_plugins)
+
+    i = sub.add_parser("inspect", help="show a model's blocks, linear layers and fused input groups")
+    i.add_argument("model", help="smollm2-135m, an HF directory or hub id, a .gguf file, or a checkpoint")
+    i.add_argument("--dtype", default="float32")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_inspect)
+
+    e = sub.add_parser("eval", help="perplexity of a model or checkpoint (BENCHMARK.md protocol)")
+    e.add_argument("model", help="smollm2-135m, an HF directory or hub id, a .gguf file, or a checkpoint")
+    e.add_argument("--text", action="append", help="kjv-gospels, pydoc-topics or a text file (repeatable)")
+    e.add_argument("--windows", type=int, default=40)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    from .errors import OneCompError
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "text", None) is None and args.command == "eval":
+        args.text = ["kjv-gospels", "pydoc-topics"]
+    try:
+        return args.func(args)
+    except OneCompError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished blocks and stages are kept — rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

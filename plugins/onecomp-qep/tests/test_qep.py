@@ -1,0 +1,165 @@
+"""QEP's properties (ALGORITHMS.md, QEP) and its use with any registered quantizer."""
+
+import attrs
+import pytest
+import torch
+
+from onecomp import Compressed, ConfigError, LayerStats, LayerTask, Quantizer, Registry, hookimpl
+from onecomp.calibration import StatsCollector
+from onecomp_qep import QEP, QEPConfig, qep_correct
+
+
+def paths(n=3000, d=48, noise=0.3, seed=0):
+    """fp-path inputs X and quantized-path inputs X̂ = X + correlated error."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) / d**0.5
+    X_hat = X + noise * torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) / d**0.5
+    return X, X_hat
+
+
+def stats(X, X_hat):
+    c = StatsCollector({"hessian", "cross"}, X.shape[1])
+    c.add(X_hat, X)
+    return c.finish()
+
+
+def test_alpha_one_is_least_squares():
+    X, X_hat = paths()
+    W = torch.randn(20, X.shape[1])
+    s = stats(X, X_hat)
+    W_star = qep_correct(W, s.H, s.cross, alpha=1.0, percdamp=0.0)
+    W_ls = torch.linalg.lstsq(X_hat.double(), (X @ W.T).double()).solution.T.float()  # argmin ‖X̂W*ᵀ − XWᵀ‖
+    assert torch.allclose(W_star, W_ls, atol=1e-3, rtol=1e-3)
+
+
+def test_alpha_zero_gives_the_base_quantizer():
+    X, X_hat = paths()
+    W = torch.randn(20, X.shape[1])
+    task = LayerTask("l", W, stats(X, X_hat))
+    out = QEP(QEPConfig(alpha=0.0)).adjust(task)
+    assert torch.equal(out.W, W)
+    reg = Registry()
+    gptq = reg.create(reg.resolve("quantizer", {"name": "gptq", "bits": 3, "group_size": 16}))
+    a, b = gptq.quantize(task), gptq.quantize(out)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_equal_paths_leave_w_unchanged():
+    X, _ = paths()
+    W = torch.randn(20, X.shape[1])
+    out = QEP().adjust(LayerTask("l", W, stats(X, X.clone())))
+    assert torch.allclose(out.W, W, atol=1e-6)
+
+
+def test_correction_fits_the_quantized_path_better():
+    """‖X̂W*ᵀ − XWᵀ‖ falls as α goes 0 → 0.5 → 1."""
+    X, X_hat = paths()
+    W = torch.randn(20, X.shape[1])
+    s = stats(X, X_hat)
+    errs = [(X_hat @ qep_correct(W, s.H, s.cross, a).T - X @ W.T).norm().item() for a in (0.0, 0.5, 1.0)]
+    assert errs[0] > errs[1] > errs[2]
+
+
+class Toy(torch.nn.Module):
+    def __init__(self, d=64, h=96, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.fc1 = torch.nn.Linear(d, h, bias=False)
+        self.fc2 = torch.nn.Linear(h, d, bias=False)
+        self.fc1.weight.data = torch.randn(h, d, generator=g) / d**0.5
+        self.fc2.weight.data = torch.randn(d, h, generator=g) / h**0.5
+
+    def forward(self, x, w1=None, w2=None):
+        w1 = self.fc1.weight if w1 is None else w1
+        w2 = self.fc2.weight if w2 is None else w2
+        return torch.relu(x @ w1.T) @ w2.T
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_two_layer_network_end_to_end_error_falls(quantizer):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(4096, 64, generator=g) * torch.exp(torch.randn(64, generator=g))
+    net = Toy()
+    reg = Registry()
+    q = reg.create(reg.resolve("quantizer", {"name": quantizer, "bits": 3, "group_size": 32}))
+    fmt = lambda c: reg.get("format", c.format).from_dict(c.params)  # noqa: E731
+
+    def compress(W, X_in, X_fp, use_qep):
+        c = StatsCollector({"hessian", "cross"}, W.shape[1])
+        c.add(X_in, X_fp)
+        task = LayerTask("l", W, c.finish())
+        if use_qep:
+            task = QEP(QEPConfig(alpha=0.5)).adjust(task)
+        out = q.quantize(task)
+        return fmt(out).dequantize(out.tensors, out.shape)
+
+    errors = {}
+    for use_qep in (False, True):
+        W1 = compress(net.fc1.weight.detach(), X, X, use_qep)
+        H_fp = torch.relu(X @ net.fc1.weight.detach().T)
+        H_q = torch.relu(X @ W1.T)
+        W2 = compress(net.fc2.weight.detach(), H_q, H_fp, use_qep)
+        errors[use_qep] = (net(X, W1, W2) - net(X)).norm().item()
+    assert errors[True] < errors[False], errors
+
+
+def test_works_with_a_dummy_quantizer_through_the_pipeline(tiny_llama, tmp_path):
+    """A quantizer defined here, found by name in the config, gets QEP's corrected W*."""
+    seen = []
+
+    @attrs.define
+    class DummyConfig:
+        pass
+
+    class Dummy(Quantizer):
+        name = "dummy"
+        Config = DummyConfig
+        needs = frozenset({"hessian"})
+
+        def quantize(self, task):
+            seen.append((task.name, task.W.clone(), task.original_W))
+            return Compressed("dense", {"dtype": "float32"}, {"weight": task.W.float().contiguous()}, task.shape)
+
+    class Plugin:
+        @hookimpl
+        def register_quantizers(self, register):
+            register(Dummy)
+
+    from onecomp.pipeline.layerwise import LayerwiseContext, run_layerwise
+    from onecomp.models import inspect_model
+
+    reg = Registry()
+    with reg.temporarily(Plugin(), name="dummy-plugin"):
+        insp = inspect_model(tiny_llama)
+        spec = reg.resolve("quantizer", {"name": "dummy"})
+        rtn = reg.resolve("quantizer", {"name": "rtn", "bits": 2, "group_size": 16})
+        # block 0 with a coarse RTN so block 1 sees a real X̂ ≠ X; block 1 with the dummy + QEP
+        plan = {n: (rtn if ".0." in n else spec) for n in insp.linear_names()}
+        windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+        ctx = LayerwiseContext(tiny_llama, insp, plan, [QEP(QEPConfig(skip=[]))], reg, windows, 2,
+                               tmp_path / "work", progress=False)
+        run_layerwise(ctx)
+    assert {n for n, _, _ in seen} == {n for n in insp.linear_names() if ".1." in n}
+    assert all(not torch.allclose(W, W0) for _, W, W0 in seen)  # the target was corrected
+
+
+def test_skip_and_config_validation():
+    assert not QEP().applies_to("model.layers.3.mlp.down_proj")
+    assert QEP().applies_to("model.layers.3.self_attn.q_proj")
+    reg = Registry()
+    with pytest.raises(ConfigError, match=r"refiners\[0\].alpha: must be in \[0, 1\]"):
+        reg.resolve("refiner", {"name": "qep", "alpha": 1.5}, "refiners[0]")
+
+
+def test_shared_factor_is_reused_within_a_group_only():
+    X, X_hat = paths()
+    s = stats(X, X_hat)
+    qep = QEP()
+    W = torch.randn(8, X.shape[1])
+    a = qep.adjust(LayerTask("q", W, s)).W
+    b = QEP(QEPConfig(shared_hessian=False)).adjust(LayerTask("q", W, s)).W
+    assert torch.allclose(a, b)
+    s2 = stats(*paths(seed=1))
+    c = qep.adjust(LayerTask("k", W, s2)).W
+    d = QEP().adjust(LayerTask("k", W, s2)).W
+    assert torch.allclose(c, d)  # a new Ĥ is factorised again, never confused with the old one
