@@ -113,12 +113,19 @@ class Registry:
             if self._entries is not None:
                 return
             self._entries = {}
-            if self._builtins:
-                for modname in BUILTINS:
-                    self._add_plugin(importlib.import_module(modname), modname, "onecomp", _dist_version("onecomp"))
-            if self._use_entry_points:
-                self._load_entry_points()
-            self.pm.check_pending()
+            try:
+                if self._builtins:
+                    for modname in BUILTINS:
+                        self._add_plugin(importlib.import_module(modname), modname, "onecomp",
+                                         _dist_version("onecomp"))
+                if self._use_entry_points:
+                    self._load_entry_points()
+                self.pm.check_pending()
+            except BaseException:  # e.g. DuplicateComponent: fail on every lookup, never half-loaded
+                for name, _ in self.pm.list_name_plugin():
+                    self.pm.unregister(name=name)
+                self._entries, self._errors = None, []
+                raise
 
     def _load_entry_points(self) -> None:
         eps = sorted(entry_points(group=GROUP), key=lambda ep: ((ep.dist.name if ep.dist else ""), ep.name))
@@ -148,6 +155,10 @@ class Registry:
         """Register ``module`` with pluggy and collect its components, one plugin at a time."""
         if self.pm.get_plugin(plugin_name) is not None:
             return
+        unknown = [n for n in dir(module) if not hasattr(hookspecs, n)
+                   and not (self.pm.parse_hookimpl_opts(module, n) or {"optionalhook": True}).get("optionalhook")]
+        if unknown:  # refused here, inside the plugin's error boundary, not by check_pending() for all
+            raise TypeError(f"plugin {plugin_name} from {dist}: unknown hook(s) {', '.join(unknown)}")
         found: list[Entry] = []
         for kind in KINDS:
             hook = f"register_{kind}s"
@@ -170,9 +181,9 @@ class Registry:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise DuplicateComponent(f"{dup[0]} {dup[1]!r} is registered twice by {dist} ({plugin_name})")
+        self.pm.register(module, name=plugin_name)  # first: a bad hook signature leaves no entries behind
         for e in found:
             self._entries[(e.kind, e.name)] = e
-        self.pm.register(module, name=plugin_name)
 
     @staticmethod
     def _validate(kind: str, cls, plugin: str, dist: str, version: str) -> Entry:

@@ -205,6 +205,38 @@ def test_broken_entry_point_is_recorded_and_the_others_load(fake_entry_points):
     assert "plugin broken from onecomp-broken failed to load: ImportError" in str(info.value)
 
 
+def test_misspelled_or_malformed_hooks_stay_inside_their_plugin(fake_entry_points):
+    @hookimpl
+    def register_quantizer(register):  # singular: not a hook
+        pass  # pragma: no cover
+
+    @hookimpl
+    def register_formats(register, extra):  # an argument the hookspec does not have
+        register(type("F", (Dense,), {"name": "half-registered"}))
+
+    fake_entry_points(
+        FakeEntryPoint("typo", "onecomp-typo", SimpleNamespace(register_quantizer=register_quantizer)),
+        FakeEntryPoint("sig", "onecomp-sig", SimpleNamespace(register_formats=register_formats)),
+        FakeEntryPoint("good", "onecomp-good", plugin(register_quantizers=[quantizer("fine")])),
+    )
+    reg = Registry()
+    assert reg.names("quantizer") == ["fine"] and reg.names("format") == ["dense"]
+    errors = {e.plugin: e.error for e in reg.load_errors()}
+    assert set(errors) == {"typo", "sig"}
+    assert "unknown hook(s) register_quantizer" in errors["typo"]
+    assert "extra" in errors["sig"]
+    assert reg.pm.get_plugin("typo") is None and reg.pm.get_plugin("sig") is None
+
+
+def test_a_failed_load_fails_every_lookup(fake_entry_points):
+    fake_entry_points(FakeEntryPoint("one", "onecomp-one", plugin(register_quantizers=[quantizer("q")])),
+                      FakeEntryPoint("two", "onecomp-two", plugin(register_quantizers=[quantizer("q")])))
+    reg = Registry()
+    for _ in range(2):  # not half-loaded after the first failure
+        with pytest.raises(DuplicateComponent):
+            reg.names("format")
+
+
 def test_entry_point_name_used_by_two_distributions(fake_entry_points):
     fake_entry_points(FakeEntryPoint("p", "onecomp-a", plugin(register_quantizers=[quantizer("qa")])),
                       FakeEntryPoint("p", "onecomp-b", plugin(register_quantizers=[quantizer("qb")])))

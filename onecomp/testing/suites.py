@@ -98,7 +98,7 @@ def sqnr_db(W: torch.Tensor, W_hat: torch.Tensor) -> float:
 
 
 def _registry_of(suite) -> Registry:
-    reg = getattr(suite, "registry", None)
+    reg = getattr(type(suite), "registry", None)  # via the class: a plain function stays unbound
     if reg is None:
         return Registry.default()
     if not isinstance(reg, Registry) and callable(reg):

@@ -5,13 +5,14 @@ Stored tensors, for a weight ``[out, in]`` with ``G = ceil(in / g)`` groups per 
 
 =========  ==========================  =====================================================
 qweight    int32 ``[out, ceil(in·b/32)]``  codes, a little-endian bit stream per row
-qzeros     int32 ``[out, ceil(G·b/32)]``   zero points, b-bit codes packed the same way
+qzeros     int32 ``[ceil(out·G·b/32)]``     zero points, b-bit codes as one stream in row-major order
 scales     float16 ``[out, G]``            step sizes
 g_idx      int16 ``[in]``                 group of each input column (only with ``act_order``)
 =========  ==========================  =====================================================
 
 Bits per weight = b + (16 + b)/g (+ 16/out with act_order), exactly when ``in·b`` and
-``G·b`` are multiples of 32; otherwise the padding of each row's last word counts too.
+``out·G·b`` are multiples of 32; otherwise the zero padding of the last word (of each
+row of ``qweight``, and of ``qzeros``) counts too.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class GPTQFormat(Format):
         for nm, t in (("q", q), ("zeros", zeros)):
             if t.numel() and (t.min() < 0 or t.max() >= 2**b):
                 raise FormatError(f"gptq: {nm} codes must lie in [0, {2**b - 1}] for {b} bits")
-        stored = {"qweight": pack_codes(q, b), "qzeros": pack_codes(zeros, b),
+        stored = {"qweight": pack_codes(q, b), "qzeros": pack_codes(zeros.reshape(1, -1), b)[0],
                   "scales": scales.to(torch.float16).contiguous()}
         if self.params.act_order:
             if G > 2**15:
@@ -107,7 +108,8 @@ class GPTQFormat(Format):
         out, inp = shape
         b = self.params.bits
         _, G = self._groups(shape)
-        fields = {"q": unpack_codes(stored["qweight"], inp, b), "zeros": unpack_codes(stored["qzeros"], G, b),
+        fields = {"q": unpack_codes(stored["qweight"], inp, b),
+                  "zeros": unpack_codes(stored["qzeros"][None], out * G, b).view(out, G),
                   "scales": stored["scales"]}
         if self.params.act_order:
             fields["g_idx"] = stored["g_idx"].long()
@@ -125,7 +127,7 @@ class GPTQFormat(Format):
         b = self.params.bits
         _, G = self._groups(shape)
         shapes = {"qweight": ((out, math.ceil(inp * b / 32)), torch.int32),
-                  "qzeros": ((out, math.ceil(G * b / 32)), torch.int32),
+                  "qzeros": ((math.ceil(out * G * b / 32),), torch.int32),
                   "scales": ((out, G), torch.float16)}
         if self.params.act_order:
             shapes["g_idx"] = ((inp,), torch.int16)
@@ -135,7 +137,7 @@ class GPTQFormat(Format):
         out, inp = shape
         b = self.params.bits
         _, G = self._groups(shape)
-        bits = out * 32 * (math.ceil(inp * b / 32) + math.ceil(G * b / 32)) + out * G * 16
+        bits = 32 * (out * math.ceil(inp * b / 32) + math.ceil(out * G * b / 32)) + out * G * 16
         return bits + (16 * inp if self.params.act_order else 0)
 
     def example(self, shape, generator):

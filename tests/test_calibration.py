@@ -1,0 +1,178 @@
+"""Calibration windows and statistics capture."""
+
+import pytest
+import torch
+
+from onecomp import ConfigError
+from onecomp.calibration import (StatsCollector, calibration_windows, capture_block, first_block_inputs,
+                                 leading_windows, propagate, sample_windows)
+from onecomp.config import CorpusSpec
+from onecomp.models import inspect_model
+from onecomp.models.inspect import find_blocks
+from onecomp.testing.strategies import make_stats
+
+# ------------------------------------------------------------------ token windows
+
+
+def test_sample_windows_are_seeded_and_in_range():
+    ids = torch.arange(1000)
+    w = sample_windows(ids, 16, 32, seed=3)
+    assert w.shape == (16, 32) and w.dtype == torch.long
+    assert torch.equal(w, sample_windows(ids, 16, 32, seed=3))
+    assert not torch.equal(w, sample_windows(ids, 16, 32, seed=4))
+    assert (w[:, 1:] - w[:, :-1] == 1).all()  # each window is one contiguous slice of the text
+    assert w.min() >= 0 and w.max() < 1000
+
+
+def test_sample_windows_need_enough_tokens():
+    with pytest.raises(ConfigError) as info:
+        sample_windows(torch.arange(32), 4, 32, seed=0)
+    assert info.value.path == "seq_len" and "only 32 tokens" in info.value.message
+    assert sample_windows(torch.arange(33), 4, 32, seed=0).shape == (4, 32)
+
+
+def test_leading_windows():
+    ids = torch.arange(100)
+    assert torch.equal(leading_windows(ids, 3, 10), ids[:30].view(3, 10))
+    assert leading_windows(ids, 50, 10).shape == (10, 10)  # as many as the text holds
+    with pytest.raises(ConfigError):
+        leading_windows(torch.arange(5), 1, 10)
+
+
+def word_tokenizer(text, add_special_tokens=False, return_attention_mask=False):
+    """A stand-in tokenizer: every whitespace-separated word is an integer token id."""
+    return {"input_ids": [int(w) for w in text.split()]}
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(" ".join(str(i) for i in range(0, 500)))
+    b.write_text(" ".join(str(i) for i in range(10_000, 10_400)))
+    return str(a), str(b)
+
+
+@pytest.mark.parametrize("weights, samples, counts", [
+    ((0.7, 0.3), 10, (7, 3)),
+    ((3.0, 1.0), 8, (6, 2)),
+    ((1.0, 1.0), 5, (3, 2)),  # the remainder goes to the largest fractional share, first one first
+    ((1.0, 9.0), 4, (0, 4)),
+])
+def test_calibration_windows_weighted_mix(corpora, weights, samples, counts):
+    specs = [CorpusSpec(source=src, weight=w) for src, w in zip(corpora, weights)]
+    w = calibration_windows(word_tokenizer, specs, samples=samples, seq_len=16, seed=0)
+    assert w.shape == (samples, 16)
+    from_a = int((w < 10_000).all(1).sum())
+    from_b = int((w >= 10_000).all(1).sum())
+    assert (from_a, from_b) == counts
+    assert torch.equal(w, calibration_windows(word_tokenizer, specs, samples=samples, seq_len=16, seed=0))
+
+
+def test_calibration_windows_name_the_bad_corpus(corpora, tmp_path):
+    specs = [CorpusSpec(source=corpora[0]), CorpusSpec(source=str(tmp_path / "missing.txt"))]
+    with pytest.raises(ConfigError) as info:
+        calibration_windows(word_tokenizer, specs, samples=4, seq_len=16, seed=0)
+    assert info.value.path == "calibration.corpus[1].source"
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def batches(seed=0, n=3, shape=(2, 5, 8)):
+    g = torch.Generator().manual_seed(seed)
+    X_hat = [torch.randn(shape, generator=g) for _ in range(n)]
+    X = [x + 0.1 * torch.randn(shape, generator=g) for x in X_hat]
+    return X_hat, X
+
+
+def test_stats_collector_matches_the_definitions():
+    X_hat, X = batches()
+    c = StatsCollector({"hessian", "cross", "diag", "samples"}, 8, max_samples=20)
+    for xh, x in zip(X_hat, X):
+        c.add(xh, x)
+    stats = c.finish()
+    Xh = torch.cat([x.reshape(-1, 8) for x in X_hat])
+    Xf = torch.cat([x.reshape(-1, 8) for x in X])
+    N = Xh.shape[0]
+    assert stats.n_tokens == N == 30
+    torch.testing.assert_close(stats.H, 2 / N * Xh.T @ Xh)
+    torch.testing.assert_close(stats.cross, 2 / N * (Xf - Xh).T @ Xh)
+    torch.testing.assert_close(stats.diag, Xh.square().mean(0))
+    assert stats.samples.shape[1] == 8 and 0 < stats.samples.shape[0] <= 20
+    rows = {tuple(r.tolist()) for r in Xh}
+    assert all(tuple(r.tolist()) in rows for r in stats.samples)  # samples are real input rows
+    ref = make_stats(Xh, {"hessian", "cross", "diag"}, Xf)  # the kit's reference agrees
+    torch.testing.assert_close(stats.H, ref.H)
+    torch.testing.assert_close(stats.cross, ref.cross)
+
+
+def test_stats_collector_keeps_only_what_is_needed():
+    X_hat, _ = batches()
+    c = StatsCollector({"diag"}, 8)
+    for xh in X_hat:
+        c.add(xh)
+    stats = c.finish()
+    assert stats.H is None and stats.cross is None and stats.samples is None and stats.diag is not None
+    with pytest.raises(ValueError, match="needs the fp-path input X"):
+        StatsCollector({"cross"}, 8).add(X_hat[0])
+
+
+# ------------------------------------------------------------------ capture on a real block
+
+
+def test_capture_block_shares_one_statistic_per_input_group(tiny_llama):
+    model = tiny_llama
+    ins = inspect_model(model)
+    _, blocks = find_blocks(model)
+    block, info = blocks[0], ins.blocks[0]
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    q_inputs = first_block_inputs(model, blocks, windows, batch_size=2)
+    assert len(q_inputs.hidden) == 2 and q_inputs.n_tokens == 48
+
+    fp_inputs = q_inputs.clone()
+    fp_inputs.hidden = [h + 0.01 * torch.randn_like(h) for h in fp_inputs.hidden]
+    leaders = {g[0]: block.get_submodule(g[0]) for g in info.groups}
+    assert list(leaders) == ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    needs = {"self_attn.q_proj": {"hessian", "cross"}, "self_attn.o_proj": set(),
+             "mlp.gate_proj": {"diag"}, "mlp.down_proj": {"hessian"}}
+
+    # what each linear really receives, recorded independently on both paths
+    seen = {}
+
+    def record(path, name):
+        def hook(m, args):
+            seen.setdefault((path, name), []).append(args[0].reshape(-1, args[0].shape[-1]))
+        return hook
+
+    names = ["self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]
+    for path, inputs in (("q", q_inputs), ("fp", fp_inputs)):
+        handles = [block.get_submodule(n).register_forward_pre_hook(record(path, n)) for n in names]
+        propagate(block, inputs)
+        for h in handles:
+            h.remove()
+
+    stats, fp_out = capture_block(block, leaders, q_inputs, fp_inputs, needs)
+    assert set(stats) == {"self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"}  # one per group, if needed
+    X_k = torch.cat(seen[("q", "self_attn.k_proj")])
+    torch.testing.assert_close(X_k, torch.cat(seen[("q", "self_attn.v_proj")]))
+    N = X_k.shape[0]
+    s = stats["self_attn.q_proj"]
+    assert s.n_tokens == N == 48
+    torch.testing.assert_close(s.H, 2 / N * X_k.T @ X_k, rtol=1e-4, atol=1e-5)
+    X_fp = torch.cat(seen[("fp", "self_attn.k_proj")])
+    torch.testing.assert_close(s.cross, 2 / N * (X_fp - X_k).T @ X_k, rtol=1e-4, atol=1e-5)
+    assert s.diag is None
+    X_up = torch.cat(seen[("q", "mlp.up_proj")])
+    torch.testing.assert_close(stats["mlp.gate_proj"].diag, X_up.square().mean(0), rtol=1e-4, atol=1e-6)
+    X_down = torch.cat(seen[("q", "mlp.down_proj")])
+    assert stats["mlp.down_proj"].H.shape == (128, 128)
+    torch.testing.assert_close(stats["mlp.down_proj"].H, 2 / N * X_down.T @ X_down, rtol=1e-4, atol=1e-5)
+
+    expected_fp = propagate(block, fp_inputs)
+    assert len(fp_out.hidden) == 2
+    for got, want in zip(fp_out.hidden, expected_fp.hidden):
+        torch.testing.assert_close(got, want)
+    for m in block.modules():
+        assert not m._forward_pre_hooks  # capture removed its hooks
+    _, none = capture_block(block, leaders, q_inputs, None, {k: {"hessian"} for k in leaders})
+    assert none is None

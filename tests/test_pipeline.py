@@ -1,0 +1,120 @@
+"""The pipeline end to end on a tiny model: stages, checkpoints, reports, resume, config errors."""
+
+import json
+
+import pytest
+import torch
+
+import onecomp
+from onecomp import ConfigError, hookimpl
+from onecomp.cli import main as cli
+
+
+def config(model_dir, out, quantizer=None, refiners=(), **extra):
+    return {
+        "model": {"id": str(model_dir)},
+        "calibration": {"corpus": "kjv", "samples": 4, "seq_len": 64, "batch_size": 2},
+        "plan": {"planner": "uniform", "quantizer": quantizer or {"name": "gptq", "bits": 4, "group_size": 32}},
+        "refiners": list(refiners),
+        "evaluation": {"texts": ["kjv-gospels"], "windows": 2, "seq_len": 64},
+        "output": {"dir": str(out)},
+        **extra,
+    }
+
+
+def test_run_writes_pivot_checkpoint_and_reports(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = onecomp.run(config(tiny_model_dir, out), progress=False)
+    stage = result["stages"][0]
+    assert stage["name"] == "layerwise" and stage["index"] == 1
+    ckpt = out / "01-layerwise"
+    manifest = json.loads((ckpt / "onecomp.json").read_text())
+    assert len(manifest["modules"]) == 14 and {m["format"] for m in manifest["modules"].values()} == {"gptq"}
+    assert manifest["modules"]["model.layers.0.self_attn.q_proj"]["dist"] == "onecomp-gptq"
+    assert set(manifest["files"]) >= {"model.safetensors", "config.json"}
+    assert (out / "reports" / "01-layerwise.json").exists() and (out / "report.md").exists()
+    assert not (out / ".work").exists()
+    # exact bits: 4-bit codes, fp16 scale + 4-bit zero per 32 columns, int16 g_idx per input column
+    shapes = [m["shape"] for m in manifest["modules"].values()]
+    bits = sum(o * i * (4 + (16 + 4) / 32) + 16 * i for o, i in shapes)
+    assert stage["bits"]["bits_per_weight"] == pytest.approx(bits / sum(o * i for o, i in shapes), rel=1e-12)
+    # the checkpoint reloads as a model with the same perplexity
+    model = onecomp.load(ckpt)
+    from onecomp.evaluation import eval_windows, perplexity
+    from transformers import AutoTokenizer
+
+    w = eval_windows(AutoTokenizer.from_pretrained(ckpt), "kjv-gospels", 2, 64)
+    assert perplexity(model, w) == pytest.approx(stage["ppl"]["kjv-gospels"], rel=1e-4)
+
+
+def test_rerun_same_config_skips_finished_stages(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    onecomp.run(config(tiny_model_dir, out), progress=False)
+    before = (out / "01-layerwise" / "onecomp.json").stat().st_mtime_ns
+    onecomp.run(config(tiny_model_dir, out), progress=False)
+    assert (out / "01-layerwise" / "onecomp.json").stat().st_mtime_ns == before
+    with pytest.raises(onecomp.OneCompError, match="different config"):
+        onecomp.run(config(tiny_model_dir, out, quantizer={"name": "rtn", "bits": 3}), progress=False)
+
+
+def test_crash_mid_stage_resumes_from_the_last_block(tiny_model_dir, tmp_path):
+    """A crash after block 0 keeps block 0 on disk; the resumed run quantizes only block 1."""
+    out = tmp_path / "run"
+    registry = onecomp.Registry()
+
+    class Crash:
+        @hookimpl
+        def on_block_done(self, run, block):
+            if block.index == 0:
+                raise RuntimeError("simulated crash")
+
+    with registry.temporarily(Crash(), name="crash"):
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            onecomp.run(config(tiny_model_dir, out), registry=registry, progress=False)
+    assert (out / ".work" / "01-layerwise" / "block-000.json").exists()
+    assert not (out / "01-layerwise").exists()
+
+    quantized = []
+
+    class Count:
+        @hookimpl
+        def on_layer_quantized(self, run, layer):
+            quantized.append(layer.name)
+
+    with registry.temporarily(Count(), name="count"):
+        resumed = onecomp.run(config(tiny_model_dir, out), registry=registry, resume=True, progress=False)
+    assert quantized and all(".layers.1." in n for n in quantized)
+    fresh = onecomp.run(config(tiny_model_dir, tmp_path / "fresh"), registry=registry, progress=False)
+    assert resumed["stages"][0]["ppl"] == pytest.approx(fresh["stages"][0]["ppl"], rel=1e-5)
+
+
+def test_bad_config_fails_before_any_work(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nid = "does-not-matter"\n[plan]\nquantizer = { name = "gptq", bits = 11 }\n'
+                   '[output]\ndir = "%s"\n' % (tmp_path / "never"))
+    assert cli(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "plan.quantizer.bits: must be in [1, 8], got 11" in err
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ConfigError, match=r"refiners\[0\].name: no refiner named 'blockwize'"):
+        onecomp.run(config(tiny_model_dir, tmp_path / "x", refiners=[{"name": "blockwize"}]), progress=False)
+
+
+def test_rtn_needs_no_calibration_pass(tiny_model_dir, tmp_path, monkeypatch):
+    import onecomp.pipeline.layerwise as lw
+
+    def boom(*a, **k):
+        raise AssertionError("RTN must not run calibration forward passes")
+
+    monkeypatch.setattr(lw, "first_block_inputs", boom)
+    result = onecomp.run(config(tiny_model_dir, tmp_path / "rtn", quantizer={"name": "rtn", "bits": 4,
+                                                                             "group_size": 32}), progress=False)
+    assert result["stages"][0]["bits"]["bits_per_weight"] > 4
+
+
+def test_gptq_qep_pipeline_runs_and_qep_sees_two_paths(tiny_model_dir, tmp_path):
+    out = tmp_path / "qep"
+    result = onecomp.run(config(tiny_model_dir, out, quantizer={"name": "gptq", "bits": 3, "group_size": 32},
+                                refiners=[{"name": "qep", "alpha": 0.5}]), progress=False)
+    assert torch.isfinite(torch.tensor(result["stages"][0]["ppl"]["kjv-gospels"]))
+    assert json.loads((out / "01-layerwise" / "onecomp.json").read_text())["config"]["refiners"][0]["name"] == "qep"
