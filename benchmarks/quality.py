@@ -59,7 +59,7 @@ def run_setting(key: str, keep: bool = False) -> dict:
     import onecomp
 
     setting = SETTINGS[key]
-    with tempfile.TemporaryDirectory(dir=RESULTS.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="onecomp-bench-") as tmp:
         config = {"model": {"id": "smollm2-135m"}, **json.loads(json.dumps(PROTOCOL)),
                   "plan": {"planner": "uniform", "quantizer": setting["quantizer"]},
                   "refiners": setting.get("refiners", []), "output": {"dir": str(Path(tmp) / key)}}

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onecomp", description="Compress language models after training.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run a pipeline (no CONFIG: the embedded default, GPTQ 4-bit g128 on SmolLM2-135M)")
+    r = sub.add_parser("run", help="run a pipeline (no CONFIG: the embedded default, GPTQ 4-bit g128 + QEP on SmolLM2-135M)")
     r.add_argument("config", nargs="?", help="a .toml, .yaml or .json pipeline config")
     r.add_argument("--resume", action="store_true", help="continue a crashed run in its output directory")
     r.add_argument("--force", action="store_true", help="delete an existing run in the output directory first")

@@ -224,6 +224,8 @@ class Planner:
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
+    #: the config must name a quantizer (``[plan] quantizer = {...}``) for this planner
+    requires_quantizer: ClassVar[bool] = False
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()

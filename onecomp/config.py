@@ -54,6 +54,10 @@ def _type_check(cls, attribute, value, path):
             typ = typing.get_type_hints(cls)[attribute.name]
         except Exception:
             return value
+    if typ is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"must be a list, got {value!r}")
+        return value
     simple = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     if typ in simple:
         ok = (isinstance(value, typ) and not (typ is int and isinstance(value, bool))) or \
@@ -163,6 +167,7 @@ DEFAULT_PIPELINE = {
     "calibration": {"corpus": "kjv", "samples": 128, "seq_len": 512},
     "plan": {"planner": "uniform",
              "quantizer": {"name": "gptq", "bits": 4, "group_size": 128}},
+    "refiners": [{"name": "qep"}],
     "output": {"dir": "runs/default"},
 }
 
@@ -200,8 +205,20 @@ def _corpora(value, path: str) -> list[CorpusSpec]:
     out = []
     for i, item in enumerate(value):
         item = {"source": item} if isinstance(item, str) else item
-        out.append(build_config(CorpusSpec, item, f"{path}[{i}]"))
+        spec = build_config(CorpusSpec, item, f"{path}[{i}]")
+        _check_text_source(spec.source, f"{path}[{i}].source")
+        out.append(spec)
     return out
+
+
+def _check_text_source(source: str, path: str) -> None:
+    """A named text, an ``hf:`` dataset spec, or an existing file: checked before any work."""
+    from .calibration.corpus import NAMED
+
+    if source in NAMED or source.startswith("hf:") or Path(source).expanduser().is_file():
+        return
+    raise ConfigError(path, f"{source!r} is not one of {', '.join(NAMED)}, an existing file, "
+                            "or an 'hf:name[:config]' dataset")
 
 
 def load_config(source: str | os.PathLike | Mapping | None = None, registry=None) -> PipelineConfig:
@@ -221,6 +238,10 @@ def load_config(source: str | os.PathLike | Mapping | None = None, registry=None
     calibration = build_config(CalibrationSection, cal, "calibration")
     calibration.corpus = corpus
     evaluation = build_config(EvaluationSection, raw.get("evaluation", {}), "evaluation")
+    for i, text in enumerate(evaluation.texts):
+        if not isinstance(text, str):
+            raise ConfigError(f"evaluation.texts[{i}]", f"must be a string, got {text!r}")
+        _check_text_source(text, f"evaluation.texts[{i}]")
     output = build_config(OutputSection, raw.get("output", {}), "output")
 
     plan = dict(raw.get("plan", {}))
@@ -232,13 +253,19 @@ def load_config(source: str | os.PathLike | Mapping | None = None, registry=None
         raise ConfigError(f"plan.{sorted(plan)[0]}", "unknown key; put planner params in the planner table")
     planner = registry.resolve("planner", planner_table, "plan.planner")
     quantizer = registry.resolve("quantizer", quantizer_table, "plan.quantizer") if quantizer_table else None
+    if quantizer is None and getattr(registry.get("planner", planner.name), "requires_quantizer", False):
+        raise ConfigError("plan.quantizer", f"the {planner.name!r} planner needs a quantizer table, e.g. "
+                          f"{{ name = \"gptq\", bits = 4 }}; installed: {', '.join(registry.names('quantizer'))}")
 
     refiners = []
     tables = raw.get("refiners", [])
     if not isinstance(tables, list):
         raise ConfigError("refiners", "must be a list of refiner tables ([[refiners]] in TOML)")
     for i, table in enumerate(tables):
-        refiners.append(registry.resolve("refiner", table, f"refiners[{i}]"))
+        spec = registry.resolve("refiner", table, f"refiners[{i}]")
+        for j, reg in enumerate(getattr(spec.config, "regularizers", None) or []):
+            registry.resolve("regularizer", reg, f"refiners[{i}].regularizers[{j}]")
+        refiners.append(spec)
     backend = registry.resolve("backend", raw.get("backend", "torch"), "backend")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
@@ -256,9 +283,17 @@ def _check_required_plugins(section) -> None:
         raise ConfigError("plugins", "allowed key: require (a list of distribution requirements)")
     from importlib.metadata import PackageNotFoundError, version
 
-    for i, req in enumerate(section.get("require", [])):
-        name = str(req).split(">")[0].split("=")[0].split("<")[0].strip()
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for i, text in enumerate(section.get("require", [])):
+        where = f"plugins.require[{i}]"
         try:
-            version(name)
+            req = Requirement(str(text))
+        except InvalidRequirement as exc:
+            raise ConfigError(where, f"not a requirement like 'onecomp-gptq>=0.1': {exc}") from None
+        try:
+            have = version(req.name)
         except PackageNotFoundError:
-            raise ConfigError(f"plugins.require[{i}]", f"{name} is not installed: pip install {req!r}") from None
+            raise ConfigError(where, f"{req.name} is not installed: pip install '{text}'") from None
+        if req.specifier and not req.specifier.contains(have, prereleases=True):
+            raise ConfigError(where, f"{req.name} {have} is installed but {text} is required: pip install '{text}'")

@@ -202,8 +202,12 @@ class Registry:
         if not set(needs) <= STATISTICS:
             raise TypeError(f"{where}: {cls.__name__}.needs has {sorted(set(needs) - STATISTICS)}; "
                             f"allowed: {sorted(STATISTICS)}")
-        if kind == "refiner" and cls.scope not in SCOPES:
-            raise TypeError(f"{where}: {cls.__name__}.scope {cls.scope!r} must be one of {SCOPES}")
+        if kind == "refiner":
+            if cls.scope not in SCOPES:
+                raise TypeError(f"{where}: {cls.__name__}.scope {cls.scope!r} must be one of {SCOPES}")
+            method = {"layer": "adjust", "block": "refine_block", "model": "refine_model"}[cls.scope]
+            if not callable(getattr(cls, method, None)):
+                raise TypeError(f"{where}: {cls.__name__} has scope {cls.scope!r} but no {method}() method")
         if kind == "format" and not isinstance(cls.version, int):
             raise TypeError(f"{where}: {cls.__name__}.version must be an int")
         return Entry(kind, name, cls, plugin, dist, version)

@@ -7,6 +7,7 @@ import torch
 
 from ..components import Format
 from ..config import one_of
+from ..errors import FormatError
 from ..hookspecs import hookimpl
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -26,7 +27,11 @@ class Dense(Format):
     trainable = ("weight",)
 
     def pack(self, fields, shape):
-        return {"weight": fields["weight"].reshape(shape).to(DTYPES[self.params.dtype]).contiguous()}
+        W = fields.get("weight")
+        if W is None or tuple(W.shape) != tuple(shape):
+            raise FormatError(f"dense: field 'weight' must have shape {tuple(shape)}, "
+                              f"got {None if W is None else tuple(W.shape)}")
+        return {"weight": W.to(DTYPES[self.params.dtype]).contiguous()}
 
     def unpack(self, stored, shape):
         return {"weight": stored["weight"]}

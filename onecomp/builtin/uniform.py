@@ -19,6 +19,7 @@ class Uniform(Planner):
 
     name = "uniform"
     Config = UniformConfig
+    requires_quantizer = True
 
     def plan(self, inspection, quantizer, registry):
         if quantizer is None:

@@ -1,6 +1,6 @@
 """The layer-wise stage: block by block, capture → layer refiners → quantizer → QuantLinear.
 
-Each finished block is saved to ``<out>/.work/layerwise/`` so that a crash loses nothing:
+Each finished block is saved to ``<out>/.work/NN-layerwise/`` so that a crash loses nothing:
 on resume, saved blocks are re-applied and only the activations are recomputed.
 """
 
@@ -100,7 +100,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         if _key(spec) not in quantizers:
             quantizers[_key(spec)] = registry.create(spec)
     store = _BlockStore(ctx.work_dir)
-    need_fp = any("cross" in r.needs for r in ctx.refiners)
+    need_fp = any("cross" in c.needs for c in [*quantizers.values(), *ctx.refiners])
 
     if not need_fp and not any(q.needs for q in quantizers.values()) and not any(r.needs for r in ctx.refiners):
         return _quantize_without_data(ctx, quantizers, store)  # e.g. RTN: no activations at all
@@ -143,9 +143,13 @@ def _quantize_without_data(ctx, quantizers, store) -> dict:
         if store.has(b):
             reports += _apply_saved(ctx, store, b)
             continue
+        t0 = time.perf_counter()
         layer_reports, _ = _quantize_block(ctx, b, info, blocks[b], quantizers, None, None)
         store.save(b, {r.name: ctx.model.get_submodule(r.name) for r in layer_reports}, layer_reports)
         reports += layer_reports
+        if ctx.run_info is not None:
+            ctx.registry.hook.on_block_done(run=ctx.run_info,
+                                            block=BlockReport(b, time.perf_counter() - t0, layer_reports))
     return {"layers": [attrs.asdict(r) for r in reports]}
 
 

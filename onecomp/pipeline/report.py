@@ -141,7 +141,7 @@ def run_markdown(model: str, before: dict, stages: list[dict], total_seconds: fl
              "| fp (before) | " + " | ".join(_fmt(before.get(t)) for t in texts) + " | "
              f"{_fmt(stages[0]['bits'].get('dense_bits_per_weight') if stages else None)} | – | – |"]
     for s in stages:
-        lines.append(f"| {s['index']}-{s['name']} | " + " | ".join(_fmt(s['ppl'].get(t)) for t in texts) +
+        lines.append(f"| {s['index']:02d}-{s['name']} | " + " | ".join(_fmt(s['ppl'].get(t)) for t in texts) +
                      f" | {_fmt(s['bits'].get('bits_per_weight'), 4)} | {s['seconds']:.1f} | {s['peak_rss_mb']:.0f} |")
     lines += ["", f"Total wall time: {total_seconds:.1f} s."]
     return "\n".join(lines) + "\n"

@@ -10,9 +10,10 @@ scales     float16 ``[out, G]``            step sizes
 g_idx      int16 ``[in]``                 group of each input column (only with ``act_order``)
 =========  ==========================  =====================================================
 
-Bits per weight = b + (16 + b)/g (+ 16/out with act_order), exactly when ``in·b`` and
-``out·G·b`` are multiples of 32; otherwise the zero padding of the last word (of each
-row of ``qweight``, and of ``qzeros``) counts too.
+Bits per weight = b + (16 + b)/g (+ 16/out with act_order), exactly when g divides
+``in`` and ``in·b`` and ``out·G·b`` are multiples of 32; otherwise the shorter last group
+still stores a full scale and zero, and the zero padding of the last word (of each row
+of ``qweight``, and of ``qzeros``) counts too.
 """
 
 from __future__ import annotations
@@ -85,7 +86,12 @@ class GPTQFormat(Format):
         out, inp = shape
         b = self.params.bits
         g, G = self._groups(shape)
+        missing = {"q", "zeros", "scales", *(["g_idx"] if self.params.act_order else [])} - set(fields)
+        if missing:
+            raise FormatError(f"gptq: fields {sorted(missing)} are missing")
         q, zeros, scales = fields["q"], fields["zeros"], fields["scales"]
+        if q.is_floating_point() or zeros.is_floating_point():
+            raise FormatError("gptq: codes q and zeros must be integer tensors")
         if tuple(q.shape) != (out, inp) or tuple(zeros.shape) != (out, G) or tuple(scales.shape) != (out, G):
             raise FormatError(f"gptq: fields q {tuple(q.shape)}, zeros {tuple(zeros.shape)}, scales "
                               f"{tuple(scales.shape)} do not fit shape {shape} with {G} groups")
@@ -98,11 +104,23 @@ class GPTQFormat(Format):
             if G > 2**15:
                 raise FormatError(f"gptq: {G} groups do not fit the int16 g_idx")
             g_idx = fields["g_idx"]
-            counts = torch.bincount(g_idx.long(), minlength=G)
-            if g_idx.shape != (inp,) or g_idx.min() < 0 or g_idx.max() >= G or (counts > g).any():
-                raise FormatError(f"gptq: g_idx must be [{inp}] with values in [0, {G}) and ≤ {g} columns per group")
+            self._check_g_idx(g_idx, inp, g, G)
             stored["g_idx"] = g_idx.to(torch.int16).contiguous()
         return stored
+
+    @staticmethod
+    def _check_g_idx(g_idx, inp, g, G):
+        ok = g_idx.shape == (inp,) and not g_idx.is_floating_point() and inp > 0
+        ok = ok and g_idx.min() >= 0 and g_idx.max() < G and (torch.bincount(g_idx.long(), minlength=G) <= g).all()
+        if not ok:
+            raise FormatError(f"gptq: g_idx must be an integer [{inp}] tensor with values in [0, {G}) "
+                              f"and at most {g} columns per group")
+
+    def check(self, stored, shape):
+        super().check(stored, shape)
+        if self.params.act_order:
+            g, G = self._groups(shape)
+            self._check_g_idx(stored["g_idx"], shape[1], g, G)
 
     def unpack(self, stored, shape):
         out, inp = shape

@@ -1,0 +1,48 @@
+"""Rewrite README.md's results section from benchmarks/results/*.json (no hand-typed figures)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, TEXTS, fmt  # noqa: E402
+
+README = Path(__file__).parent.parent / "README.md"
+#: rows shown in the README, in order (everything else stays in results/quality.md)
+SHOWN = ["rtn-w4g128", "gptq-w4g128", "gptq+qep-w4g128", "rtn-w3g128", "gptq-w3g128", "gptq+qep-w3g128",
+         "rtn-w3pc", "gptq-w3pc", "gptq+qep-w3pc", "rtn-w2g64", "gptq-w2g64", "gptq+qep-w2g64"]
+
+
+def section() -> str:
+    quality = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").exists() else {}
+    fp = json.loads((RESULTS / "fp32.json").read_text()) if (RESULTS / "fp32.json").exists() else None
+    lines = ["SmolLM2-135M on the benchmark protocol (BENCHMARK.md): calibration 128 × 512 KJV tokens; ppl on the "
+             "KJV gospels (in domain) and CPython's pydoc topics (out of domain); bits per weight from the stored "
+             "bytes; time is the layer-wise stage on 2 CPU cores. Full table: "
+             "[benchmarks/results/quality.md](benchmarks/results/quality.md).", "",
+             "| setting | bits/weight | ppl gospels | ppl pydoc | quant time (s) |", "|---|---|---|---|---|"]
+    if fp:
+        lines.append(f"| fp32 | 32 | {fmt(fp['ppl'][TEXTS[0]])} | {fmt(fp['ppl'][TEXTS[1]])} | – |")
+    for key in SHOWN:
+        if key in quality:
+            r = quality[key]
+            lines.append(f"| {key} | {fmt(r['bits_per_weight'], 3)} | {fmt(r['ppl'][TEXTS[0]])} | "
+                         f"{fmt(r['ppl'][TEXTS[1]])} | {fmt(r['quant_seconds'], 0)} |")
+    lines.append("")
+    lines.append("Generated from `benchmarks/results/` by `python benchmarks/readme_results.py`.")
+    return "\n".join(lines)
+
+
+def main():
+    text = README.read_text()
+    new = re.sub(r"<!-- results:start -->.*<!-- results:end -->",
+                 lambda _: f"<!-- results:start -->\n{section()}\n<!-- results:end -->", text, flags=re.S)
+    README.write_text(new)
+    print(section())
+
+
+if __name__ == "__main__":
+    main()

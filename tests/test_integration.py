@@ -1,0 +1,66 @@
+"""Integration tests on the real embedded model (SmolLM2-135M) and corpus: minutes, not seconds."""
+
+import json
+
+import pytest
+
+import onecomp
+from onecomp.evaluation import eval_windows, perplexity
+from onecomp.models import inspect_model, load_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model("smollm2-135m")
+
+
+def test_fp32_perplexity_matches_the_protocol(smollm):
+    """BENCHMARK.md: fp32 SmolLM2-135M has ppl 15.02 on the KJV gospels (40 × 512 tokens)."""
+    ppl = perplexity(smollm.model, eval_windows(smollm.tokenizer, "kjv-gospels", 40, 512))
+    assert ppl == pytest.approx(15.02, abs=0.01)
+
+
+def test_inspection_of_the_embedded_model(smollm):
+    insp = inspect_model(smollm.model)
+    assert len(insp.blocks) == 30 and insp.hidden_size == 576
+    assert insp.blocks[0].groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                     ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def _run(tmp_path, name, quantizer, refiners=()):
+    cfg = {"model": {"id": "smollm2-135m"},
+           "calibration": {"corpus": "kjv", "samples": 16, "seq_len": 256},
+           "plan": {"quantizer": quantizer}, "refiners": list(refiners),
+           "evaluation": {"texts": ["kjv-gospels", "pydoc-topics"], "windows": 8, "seq_len": 512, "before": False},
+           "output": {"dir": str(tmp_path / name)}}
+    return onecomp.run(cfg, progress=False)["stages"][0]
+
+
+@pytest.fixture(scope="module")
+def three_bit(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("int")
+    return {
+        "rtn": _run(tmp, "rtn", {"name": "rtn", "bits": 3, "group_size": 128}),
+        "gptq": _run(tmp, "gptq", {"name": "gptq", "bits": 3, "group_size": 128}),
+        "gptq+qep": _run(tmp, "qep", {"name": "gptq", "bits": 3, "group_size": 128}, [{"name": "qep"}]),
+    }
+
+
+def test_gptq_beats_rtn_at_3_bits_on_the_real_model(three_bit):
+    assert three_bit["gptq"]["ppl"]["kjv-gospels"] < 0.8 * three_bit["rtn"]["ppl"]["kjv-gospels"]
+    assert three_bit["gptq"]["ppl"]["pydoc-topics"] <= three_bit["rtn"]["ppl"]["pydoc-topics"]
+
+
+def test_qep_improves_gptq_at_3_bits_on_the_real_model(three_bit):
+    assert three_bit["gptq+qep"]["ppl"]["kjv-gospels"] < three_bit["gptq"]["ppl"]["kjv-gospels"]
+
+
+def test_checkpoint_reloads_with_the_same_perplexity(three_bit, smollm):
+    path = three_bit["gptq"]["checkpoint"]
+    manifest = json.loads(open(f"{path}/onecomp.json").read())
+    assert len(manifest["modules"]) == 210
+    model = onecomp.load(path)
+    ppl = perplexity(model, eval_windows(smollm.tokenizer, "kjv-gospels", 8, 512))
+    assert ppl == pytest.approx(three_bit["gptq"]["ppl"]["kjv-gospels"], rel=1e-4)
