@@ -44,10 +44,19 @@ class Smooth(Refiner):
     Config = SmoothConfig
     scope = "layer"
 
+    def adjust(self, task):
+        return task
+
+
+class DummyQEP(Smooth):
+    name = "qep"
+    Config = SmoothConfig
+
 
 @pytest.fixture
 def reg():
-    """An isolated registry with a stand-in ``gptq`` quantizer and a ``smooth`` refiner."""
+    """An isolated registry with stand-ins for what the default pipeline names (``gptq``, ``qep``)
+    and a ``smooth`` refiner."""
     r = Registry(entry_points=False)
 
     @hookimpl
@@ -57,10 +66,16 @@ def reg():
     @hookimpl
     def register_refiners(register):
         register(Smooth)
+        register(DummyQEP)
 
     with r.temporarily(SimpleNamespace(register_quantizers=register_quantizers,
                                        register_refiners=register_refiners), name="dummies"):
         yield r
+
+
+def pipeline(**sections):
+    """A minimal pipeline dict: the given sections plus a quantizer table."""
+    return {"plan": {"quantizer": "gptq"}, **sections}
 
 
 def error(fn, *args, **kw) -> ConfigError:
@@ -151,7 +166,8 @@ def test_default_pipeline_loads(reg):
     assert cfg.quantizer.name == "gptq" and cfg.quantizer.config == DummyGPTQConfig(bits=4, group_size=128)
     assert cfg.planner.name == "uniform" and cfg.backend.name == "torch"
     assert cfg.calibration.corpus == [CorpusSpec(source="kjv")]
-    assert cfg.refiners == [] and cfg.to_dict() == DEFAULT_PIPELINE
+    assert [r.name for r in cfg.refiners] == [t["name"] for t in DEFAULT_PIPELINE.get("refiners", [])]
+    assert cfg.to_dict() == DEFAULT_PIPELINE
 
 
 def test_unknown_top_level_section(reg):
@@ -178,17 +194,17 @@ def test_unknown_model_key_and_bad_dtype(reg):
 
 
 def test_refiner_with_unknown_name_lists_installed_refiners(reg):
-    e = error(load_config, {"refiners": [{"name": "qepp"}]}, registry=reg)
+    e = error(load_config, pipeline(refiners=[{"name": "qepp"}]), registry=reg)
     assert e.path == "refiners[0].name"
-    assert "no refiner named 'qepp'; installed: smooth" in e.message
+    assert "no refiner named 'qepp'; installed: qep, smooth (did you mean 'qep'?)" in e.message
 
 
 def test_refiner_param_errors_name_their_index(reg):
-    raw = {"refiners": [{"name": "smooth"}, {"name": "smooth", "alpha": 2}]}
+    raw = pipeline(refiners=[{"name": "smooth"}, {"name": "smooth", "alpha": 2}])
     e = error(load_config, raw, registry=reg)
     assert (e.path, e.message) == ("refiners[1].alpha", "must be in [0, 1], got 2.0")
-    assert error(load_config, {"refiners": [{"alpha": 1}]}, registry=reg).path == "refiners[0]"
-    assert error(load_config, {"refiners": {"name": "smooth"}}, registry=reg).path == "refiners"
+    assert error(load_config, pipeline(refiners=[{"alpha": 1}]), registry=reg).path == "refiners[0]"
+    assert error(load_config, pipeline(refiners={"name": "smooth"}), registry=reg).path == "refiners"
 
 
 def test_quantizer_params_are_validated_by_its_config(reg):
@@ -209,34 +225,42 @@ def test_plan_keys_go_to_the_planner(reg):
     assert e.path == "plan.ignore"
 
 
-def test_calibration_corpus_forms(reg):
-    cfg = load_config({"calibration": {"corpus": [{"source": "a.txt", "weight": 3}, "b.txt"]}}, registry=reg)
-    assert cfg.calibration.corpus == [CorpusSpec("a.txt", 3.0), CorpusSpec("b.txt", 1.0)]
-    e = error(load_config, {"calibration": {"corpus": [{"source": "a.txt", "weight": 0}]}}, registry=reg)
+def test_calibration_corpus_forms(reg, tmp_path):
+    a, b = str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
+    for f in (a, b):
+        open(f, "w").write("text")
+    cfg = load_config(pipeline(calibration={"corpus": [{"source": a, "weight": 3}, b]}), registry=reg)
+    assert cfg.calibration.corpus == [CorpusSpec(a, 3.0), CorpusSpec(b, 1.0)]
+    e = error(load_config, pipeline(calibration={"corpus": [{"source": a, "weight": 0}]}), registry=reg)
     assert e.path == "calibration.corpus[0].weight"
-    assert error(load_config, {"calibration": {"corpus": []}}, registry=reg).path == "calibration.corpus"
+    assert error(load_config, pipeline(calibration={"corpus": []}), registry=reg).path == "calibration.corpus"
 
 
 def test_seed_backend_and_required_plugins(reg):
-    assert error(load_config, {"seed": True}, registry=reg).path == "seed"
-    assert error(load_config, {"backend": {"name": "torch", "device": "tpu"}}, registry=reg).path == "backend.device"
-    e = error(load_config, {"plugins": {"require": ["onecomp-not-installed-anywhere>=1.0"]}}, registry=reg)
+    assert error(load_config, pipeline(seed=True), registry=reg).path == "seed"
+    e = error(load_config, pipeline(backend={"name": "torch", "device": "tpu"}), registry=reg)
+    assert e.path == "backend.device"
+    e = error(load_config, pipeline(plugins={"require": ["onecomp-not-installed-anywhere>=1.0"]}), registry=reg)
     assert e.path == "plugins.require[0]" and "pip install" in e.message
-    assert error(load_config, {"plugins": {"needs": []}}, registry=reg).path == "plugins"
-    load_config({"plugins": {"require": ["onecomp"]}}, registry=reg)
+    assert error(load_config, pipeline(plugins={"needs": []}), registry=reg).path == "plugins"
+    load_config(pipeline(plugins={"require": ["onecomp"]}), registry=reg)
 
 
-PIPELINE = {
-    "model": {"id": "smollm2-135m", "dtype": "float32"},
-    "calibration": {"corpus": [{"source": "kjv", "weight": 2.0}, {"source": "notes.txt", "weight": 1.0}],
-                    "samples": 64, "seq_len": 256, "seed": 7},
-    "plan": {"planner": "uniform", "quantizer": {"name": "gptq", "bits": 3, "group_size": -1, "act_order": True}},
-    "refiners": [{"name": "smooth", "alpha": 0.25}, {"name": "smooth"}],
-    "backend": {"name": "torch", "device": "cpu"},
-    "evaluation": {"texts": ["kjv-gospels"], "windows": 8},
-    "output": {"dir": "runs/test"},
-    "seed": 3,
-}
+def pipeline_dict(notes):
+    """The whole pipeline as a dict; ``notes`` is an existing text file used as a second corpus."""
+    return {
+        "model": {"id": "smollm2-135m", "dtype": "float32"},
+        "calibration": {"corpus": [{"source": "kjv", "weight": 2.0}, {"source": notes, "weight": 1.0}],
+                        "samples": 64, "seq_len": 256, "seed": 7},
+        "plan": {"planner": "uniform",
+                 "quantizer": {"name": "gptq", "bits": 3, "group_size": -1, "act_order": True}},
+        "refiners": [{"name": "smooth", "alpha": 0.25}, {"name": "smooth"}],
+        "backend": {"name": "torch", "device": "cpu"},
+        "evaluation": {"texts": ["kjv-gospels"], "windows": 8},
+        "output": {"dir": "runs/test"},
+        "seed": 3,
+    }
+
 
 TOML = """
 seed = 3
@@ -246,7 +270,7 @@ id = "smollm2-135m"
 dtype = "float32"
 
 [calibration]
-corpus = [{ source = "kjv", weight = 2.0 }, { source = "notes.txt", weight = 1.0 }]
+corpus = [{ source = "kjv", weight = 2.0 }, { source = "NOTES", weight = 1.0 }]
 samples = 64
 seq_len = 256
 seed = 7
@@ -276,16 +300,19 @@ dir = "runs/test"
 
 
 def test_toml_yaml_and_json_files_give_the_same_config(reg, tmp_path):
-    (tmp_path / "p.toml").write_text(TOML)
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(PIPELINE))
-    (tmp_path / "p.json").write_text(json.dumps(PIPELINE))
+    notes = str(tmp_path / "notes.txt")
+    open(notes, "w").write("some calibration text")
+    raw = pipeline_dict(notes)
+    (tmp_path / "p.toml").write_text(TOML.replace("NOTES", notes))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "p.json").write_text(json.dumps(raw))
     configs = [load_config(tmp_path / f"p.{ext}", registry=reg) for ext in ("toml", "yaml", "json")]
-    from_dict = load_config(PIPELINE, registry=reg)
+    from_dict = load_config(raw, registry=reg)
     assert configs[0] == configs[1] == configs[2] == from_dict
     cfg = configs[0]
     assert cfg.quantizer.config == DummyGPTQConfig(bits=3, group_size=-1, act_order=True)
     assert [r.config.alpha for r in cfg.refiners] == [0.25, 0.5]
-    assert cfg.calibration == CalibrationSection(corpus=[CorpusSpec("kjv", 2.0), CorpusSpec("notes.txt", 1.0)],
+    assert cfg.calibration == CalibrationSection(corpus=[CorpusSpec("kjv", 2.0), CorpusSpec(notes, 1.0)],
                                                  samples=64, seq_len=256, seed=7)
     assert cfg.backend.config.device == "cpu" and cfg.seed == 3 and cfg.output.dir == "runs/test"
     assert load_config(str(tmp_path / "p.toml"), registry=reg) == cfg

@@ -167,9 +167,9 @@ def make_task(W: torch.Tensor | tuple[int, int], needs: Iterable[str] = (), *, s
 
 @st.composite
 def layer_tasks(draw, needs: Iterable[str] = (), max_out: int = 32, max_in: int = 160,
-                dtype_of_weights: torch.dtype = torch.float32) -> LayerTask:
+                dtype: torch.dtype = torch.float32) -> LayerTask:
     """LayerTasks with edge-case weights (see ``weights``) and the statistics in ``needs``."""
     shape = draw(shapes(max_out, max_in))
-    W = draw(weights(shape, dtype_of_weights)).float()
+    W = draw(weights(shape, dtype)).float()
     return make_task(W, needs, seed=draw(st.integers(0, 2**16)))
 

@@ -290,7 +290,8 @@ class FormatSuite:
             (W * R).sum().backward()
             assert leaf.grad is not None, f"no gradient reaches {name!r}"
             assert leaf.grad.shape == leaf.shape and torch.isfinite(leaf.grad).all()
-            assert leaf.grad.abs().sum() > 0, f"the gradient of {name!r} is identically zero"
+            if W.detach().abs().sum() > 0:  # Ŵ = 0 (e.g. every code at its zero point) may have no gradient
+                assert leaf.grad.abs().sum() > 0, f"the gradient of {name!r} is identically zero"
 
     @_settings()
     @given(data=st.data())
