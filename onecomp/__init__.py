@@ -6,17 +6,37 @@ Public API for users and plugin authors::
     model = onecomp.load("runs/default/01-layerwise")       # a checkpoint
     onecomp.run("examples/gptq-4bit.toml")                  # a whole pipeline
     from onecomp import hookimpl, Quantizer, Format, LayerTask, Compressed
+
+Names are imported on first use, so ``import onecomp`` (and the pytest plugin) stays
+cheap: torch loads only when a component type is touched.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .components import (Backend, Compressed, ComponentSpec, Format, LayerStats, LayerTask, NoConfig, Planner,
-                         Quantizer, Refiner, Regularizer, matches, stored_bits)
-from .config import in_range, one_of
-from .errors import (CheckpointError, ConfigError, DuplicateComponent, FormatError, ModelLoadError, OneCompError,
-                     UnknownComponent)
-from .hookspecs import hookimpl
-from .registry import Registry
+_EXPORTS = {
+    "components": ["Backend", "Compressed", "ComponentSpec", "Format", "LayerStats", "LayerTask", "NoConfig",
+                   "Planner", "Quantizer", "Refiner", "Regularizer", "matches", "stored_bits"],
+    "config": ["in_range", "one_of"],
+    "errors": ["CheckpointError", "ConfigError", "DuplicateComponent", "FormatError", "ModelLoadError",
+               "OneCompError", "UnknownComponent"],
+    "hookspecs": ["hookimpl"],
+    "registry": ["Registry"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'onecomp' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])
 
 
 def load(path, registry=None, **kw):
@@ -33,7 +53,4 @@ def run(config=None, **kw):
     return _run(config, **kw)
 
 
-__all__ = ["Backend", "Compressed", "ComponentSpec", "Format", "LayerStats", "LayerTask", "NoConfig", "Planner",
-           "Quantizer", "Refiner", "Regularizer", "matches", "stored_bits", "in_range", "one_of", "CheckpointError",
-           "ConfigError", "DuplicateComponent", "FormatError", "ModelLoadError", "OneCompError", "UnknownComponent",
-           "hookimpl", "Registry", "load", "run", "__version__"]
+__all__ = [*_WHERE, "load", "run", "__version__"]

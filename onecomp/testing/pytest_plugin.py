@@ -26,7 +26,7 @@ def pytest_configure(config):
     settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None, print_blob=True,
                               suppress_health_check=[HealthCheck.too_slow])
     settings.register_profile("dev", max_examples=100, deadline=None)
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
         settings.load_profile("ci")
 
 
