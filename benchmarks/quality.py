@@ -45,6 +45,10 @@ SETTINGS = {
     "gptq-w3g128-damp1": {"quantizer": q("gptq", bits=3, group_size=128, damp=1.0)},
     "gptq-w4g128-mse": {"quantizer": q("gptq", bits=4, group_size=128, mse=True)},
     "gptq-w3g128-mse": {"quantizer": q("gptq", bits=3, group_size=128, mse=True)},
+    "gptq-w4g128-shrink0.25": {"quantizer": q("gptq", bits=4, group_size=128, shrink=0.25)},
+    "gptq-w4g128-shrink0.5": {"quantizer": q("gptq", bits=4, group_size=128, shrink=0.5)},
+    "gptq-w3g128-shrink0.25": {"quantizer": q("gptq", bits=3, group_size=128, shrink=0.25)},
+    "gptq-w3g128-shrink0.5": {"quantizer": q("gptq", bits=3, group_size=128, shrink=0.5)},
     "gptq-w4g128-noact": {"quantizer": q("gptq", bits=4, group_size=128, act_order=False)},
     "gptq-w3g128-noact": {"quantizer": q("gptq", bits=3, group_size=128, act_order=False)},
     # GPTQ + QEP (needs onecomp-qep)

@@ -38,6 +38,7 @@ class GPTQConfig:
     sym: bool = False
     act_order: bool = True
     damp: float = attrs.field(default=0.01, validator=in_range(0, None))
+    shrink: float = attrs.field(default=0.0, validator=in_range(0, 1))
     block_size: int = attrs.field(default=128, validator=in_range(1, None))
     mse: bool = False
 
@@ -92,8 +93,13 @@ def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
-                  act_order: bool = True, damp: float = 0.01, block_size: int = 128, mse: bool = False):
+                  act_order: bool = True, damp: float = 0.01, block_size: int = 128, mse: bool = False,
+                  shrink: float = 0.0):
     """GPTQ on ``W [out, in]`` with Hessian ``H [in, in]``.
+
+    ``shrink`` (β) pulls H toward its diagonal, ``H ← (1 − β)H + β·diag(H)``, before damping:
+    the cross-channel correlations of a narrow calibration corpus are what GPTQ's error
+    compensation exploits and what other text does not share (β = 1 is RTN in act order).
 
     Returns ``(q, scales, zeros, g_idx, losses)``: codes in the original column order,
     per-group grids (group ``k`` = permuted columns ``k·g … k·g+g−1``), ``g_idx`` (None
@@ -110,6 +116,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    if shrink > 0:
+        diag_H = H.diagonal().clone()
+        H.mul_(1 - shrink).diagonal().copy_(diag_H)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
@@ -172,7 +181,7 @@ class GPTQ(Quantizer):
             raise ValueError(f"{task.name}: gptq needs the 'hessian' statistic")
         c = self.config
         q, s, z, g_idx, losses = gptq_quantize(task.W, task.stats.H, c.bits, c.group_size, c.sym, c.act_order,
-                                               c.damp, c.block_size, c.mse)
+                                               c.damp, c.block_size, c.mse, c.shrink)
         result = _pack(task, q, s, z, c.bits, c.group_size, g_idx)
         result.info["loss"] = float(losses.sum())
         return result
