@@ -149,3 +149,25 @@ def test_non_finite_weight_refused(layer):
     W[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         GPTQ().quantize(LayerTask("l", W, LayerStats(n_tokens=1, H=hessian(X))))
+
+
+def test_full_shrink_without_act_order_is_rtn(layer):
+    """β = 1 leaves only the diagonal of H: no error compensation, so RTN exactly."""
+    W, X = layer
+    q, s, z, _, _ = gptq_quantize(W, hessian(X), 3, 64, act_order=False, shrink=1.0)
+    q_rtn, s_rtn, z_rtn = rtn_quantize(W, 3, 64)
+    assert torch.equal(q, q_rtn) and torch.equal(s, s_rtn)
+
+
+def test_shrink_trades_calibration_fit_for_robustness(layer):
+    """More shrinkage: a larger error on the calibration activations, never below RTN's floor of 0."""
+    W, X = layer
+    H = hessian(X)
+    errors = []
+    for beta in (0.0, 0.5, 1.0):
+        q, s, z, g_idx, _ = gptq_quantize(W, H, 3, 64, shrink=beta)
+        fmt = GPTQFormat(GPTQParams(3, 64, True))
+        W_hat = fmt.dequantize(fmt.pack({"q": q.long(), "zeros": z.long(), "scales": s, "g_idx": g_idx}, W.shape),
+                               W.shape)
+        errors.append(((W - W_hat) @ X.T).norm().item())
+    assert errors[0] < errors[1] < errors[2]
