@@ -38,11 +38,14 @@ def layer():
 def test_gptq_layer_error_below_rtn(layer, bits, group):
     W, X = layer
     task = LayerTask("l", W, LayerStats(n_tokens=X.shape[0], H=hessian(X)))
-    W_gptq = dequant(task, GPTQ(GPTQConfig(bits=bits, group_size=group)).quantize(task))
     W_rtn = dequant(task, RTN(RTNConfig(bits=bits, group_size=group)).quantize(task))
-    err_gptq = ((W - W_gptq) @ X.T).norm()
     err_rtn = ((W - W_rtn) @ X.T).norm()
-    assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
+    # GPTQ as published (no shrinkage) fits the calibration activations by a wide margin ...
+    W_gptq = dequant(task, GPTQ(GPTQConfig(bits=bits, group_size=group, shrink=0.0)).quantize(task))
+    assert ((W - W_gptq) @ X.T).norm() < 0.8 * err_rtn
+    # ... and the default, which trades some of that fit for robustness, still beats RTN on it
+    W_default = dequant(task, GPTQ(GPTQConfig(bits=bits, group_size=group)).quantize(task))
+    assert ((W - W_default) @ X.T).norm() < err_rtn
 
 
 def test_gptq_on_real_activations_beats_rtn(tiny_llama):
