@@ -91,6 +91,9 @@ def table() -> str:
         r = data[key]
         lines.append(f"| {key} | {fmt(r['bits_per_weight'], 3)} | {fmt(r['ppl'][TEXTS[0]])} | "
                      f"{fmt(r['ppl'][TEXTS[1]])} | {fmt(r['quant_seconds'], 0)} | {fmt(r['peak_rss_mb'], 0)} |")
+    notes = [f"- {k}: {data[k]['note']}" for k in sorted(data) if data[k].get("note")]
+    lines += ["", "Quant time is the layer-wise stage's wall time; most rows were measured while other jobs shared "
+              "the 2 cores, so compare times only within a controlled run.", "", *notes]
     text = "\n".join(lines) + "\n"
     (RESULTS / "quality.md").write_text(text)
     return text
