@@ -56,6 +56,10 @@ SETTINGS = {
     "gptq+qep-w3g128": {"quantizer": q("gptq", bits=3, group_size=128), "refiners": [{"name": "qep"}]},
     "gptq+qep-w3pc": {"quantizer": q("gptq", bits=3, group_size=-1), "refiners": [{"name": "qep"}]},
     "gptq+qep-w2g64": {"quantizer": q("gptq", bits=2, group_size=64), "refiners": [{"name": "qep"}]},
+    "gptq+qep-w3g128-percdamp0.1": {"quantizer": q("gptq", bits=3, group_size=128),
+                                    "refiners": [{"name": "qep", "percdamp": 0.1}]},
+    "gptq+qep-w3g128-percdamp1": {"quantizer": q("gptq", bits=3, group_size=128),
+                                  "refiners": [{"name": "qep", "percdamp": 1.0}]},
 }
 
 
