@@ -23,7 +23,9 @@ def section() -> str:
     lines = ["SmolLM2-135M on the benchmark protocol (BENCHMARK.md): calibration 128 × 512 KJV tokens; ppl on the "
              "KJV gospels (in domain) and CPython's pydoc topics (out of domain); bits per weight from the stored "
              "bytes; time is the layer-wise stage on 2 CPU cores. Full table: "
-             "[benchmarks/results/quality.md](benchmarks/results/quality.md).", "",
+             "[benchmarks/results/quality.md](benchmarks/results/quality.md). GPTQ's default is `shrink = 0.5` "
+             "(rows `gptq-w4g128-shrink0.5`, `gptq-w3g128`, `gptq+qep-*`); `shrink0` and `damp1` are GPTQ as "
+             "commonly configured, which loses to RTN out of domain (see plugins/onecomp-gptq/README.md).", "",
              "| setting | bits/weight | ppl gospels | ppl pydoc | quant time (s) |", "|---|---|---|---|---|"]
     if fp:
         lines.append(f"| fp32 | 32 | {fmt(fp['ppl'][TEXTS[0]])} | {fmt(fp['ppl'][TEXTS[1]])} | – |")
