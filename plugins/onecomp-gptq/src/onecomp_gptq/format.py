@@ -26,15 +26,17 @@ import torch
 from onecomp import ConfigError, Format, FormatError, in_range
 
 
+def check_group_size(inst, attribute, value):
+    """attrs validator: -1 (one group per row) or a positive group size."""
+    if isinstance(value, bool) or not isinstance(value, int) or (value != -1 and value < 1):
+        raise ConfigError(attribute.name, f"must be -1 (per channel) or a positive integer, got {value!r}")
+
+
 @attrs.define
 class GPTQParams:
     bits: int = attrs.field(default=4, validator=in_range(1, 8))
-    group_size: int = 128  # -1: one group per row
+    group_size: int = attrs.field(default=128, validator=check_group_size)  # -1: one group per row
     act_order: bool = False  # columns carry a g_idx (quantized in a permuted order)
-
-    def __attrs_post_init__(self):
-        if self.group_size != -1 and self.group_size < 1:
-            raise ConfigError("group_size", f"must be -1 (per channel) or a positive integer, got {self.group_size}")
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -12,21 +12,16 @@ import math
 import attrs
 import torch
 
-from onecomp import Compressed, ConfigError, LayerTask, Quantizer, in_range
+from onecomp import Compressed, LayerTask, Quantizer, in_range
 
-from .format import GPTQFormat, GPTQParams
+from .format import GPTQFormat, GPTQParams, check_group_size
 from .grid import codes, find_params
-
-
-def _check_group(inst, attribute, value):
-    if value != -1 and value < 1:
-        raise ConfigError(attribute.name, f"must be -1 (per channel) or a positive integer, got {value}")
 
 
 @attrs.define
 class RTNConfig:
     bits: int = attrs.field(default=4, validator=in_range(1, 8))
-    group_size: int = attrs.field(default=128, validator=_check_group)
+    group_size: int = attrs.field(default=128, validator=check_group_size)
     sym: bool = False
     mse: bool = False
 
@@ -34,7 +29,7 @@ class RTNConfig:
 @attrs.define
 class GPTQConfig:
     bits: int = attrs.field(default=4, validator=in_range(1, 8))
-    group_size: int = attrs.field(default=128, validator=_check_group)
+    group_size: int = attrs.field(default=128, validator=check_group_size)
     sym: bool = False
     act_order: bool = True
     damp: float = attrs.field(default=0.01, validator=in_range(0, None))
