@@ -122,8 +122,11 @@ class Format:
     name: ClassVar[str]
     version: ClassVar[int] = 1
     Config: ClassVar[type] = NoConfig
-    #: names of stored float tensors a training refiner may tune (scales, zeros, envelopes)
+    #: logical float fields (from ``unpack``) a training refiner may tune: scales, envelopes
     trainable: ClassVar[tuple[str, ...]] = ()
+    #: logical discrete fields a training refiner may tune through a straight-through estimator,
+    #: each mapped to its kind: ``"sign"`` (values ±1) or ``"integer"`` (codes); see ``snap``
+    discrete: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, params=None):
         self.params = params if params is not None else self.Config()
@@ -144,9 +147,14 @@ class Format:
     def unpack(self, stored: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def dequantize(self, stored: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        """The fp32 weight ``[out, in]`` the stored tensors stand for; differentiable in float tensors."""
+    def dequantize_fields(self, fields: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The fp32 weight ``[out, in]`` from logical fields; differentiable in the float fields and
+        accepting float tensors for the ``discrete`` ones (what training refiners call)."""
         raise NotImplementedError
+
+    def dequantize(self, stored: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The fp32 weight ``[out, in]`` the stored tensors stand for."""
+        return self.dequantize_fields(self.unpack(stored, shape), shape)
 
     def expected_bits(self, shape: tuple[int, int]) -> int:
         """Stored bits for a weight of ``shape``, from the format's formula."""
@@ -157,6 +165,19 @@ class Format:
         raise NotImplementedError
 
     # -- provided
+    def snap(self, name: str, latent: torch.Tensor) -> torch.Tensor:
+        """The nearest allowed value of discrete field ``name`` (as float): the straight-through
+        estimator's forward, and what is stored when training ends. Integer formats clamp to
+        their code range by overriding this."""
+        if self.discrete.get(name) == "sign":
+            return torch.where(latent >= 0, 1.0, -1.0).to(latent.dtype)
+        return latent.round()
+
+    def latent_init(self, name: str, fields: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The float latent a training refiner starts discrete field ``name`` from;
+        ``snap(latent_init(name, f)) == f[name]`` must hold."""
+        return fields[name].float()
+
     def stored_shapes(self, shape: tuple[int, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Names, shapes and dtypes of the stored tensors for ``shape``."""
         g = torch.Generator().manual_seed(0)
@@ -251,10 +272,17 @@ class Backend:
 
 
 class Regularizer:
-    """Adds a penalty to a training refiner's loss, with init and step callbacks."""
+    """Adds a penalty to a training refiner's loss, with init and step callbacks.
+
+    A training refiner passes each method the tensors it trains that match ``targets``
+    (``"all"``, ``"continuous"``, ``"sign"`` or ``"integer"``), keyed ``"<module>.<field>"``:
+    ``init`` once before training (it may edit them in place), ``penalty`` every step
+    (added to the loss), ``step`` after every optimizer step; ``report`` goes to the stage report.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
+    targets: ClassVar[str] = "all"
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
@@ -275,7 +303,7 @@ class Regularizer:
 #: attributes the registry requires per kind
 REQUIRED = {
     "quantizer": ("name", "Config", "needs", "quantize"),
-    "format": ("name", "version", "Config", "pack", "unpack", "dequantize", "expected_bits"),
+    "format": ("name", "version", "Config", "pack", "unpack", "dequantize_fields", "expected_bits"),
     "planner": ("name", "Config", "plan"),
     "refiner": ("name", "Config", "scope"),
     "backend": ("name", "Config"),

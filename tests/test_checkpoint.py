@@ -172,7 +172,3 @@ def test_quantlinear_is_a_drop_in_linear():
     assert q.bits() == 4 * 8 * 32 and "format=dense" in repr(q)
     assert set(q.state_dict()) == {"weight", "bias"}
     torch.testing.assert_close(q.weight, lin.weight.detach())
-    # trainable stored tensors take the differentiable path
-    q.get_buffer("weight").requires_grad_(True)
-    q(x).sum().backward()
-    assert q.get_buffer("weight").grad is not None

@@ -236,8 +236,13 @@ class LossyUnpack(Dense):
 
 
 class Detached(Dense):
-    def dequantize(self, stored, shape):
-        return stored["weight"].detach().float()
+    def dequantize_fields(self, fields, shape):
+        return fields["weight"].detach().float()
+
+
+class SnapsAway(Dense):
+    """Claims its float weight is a discrete field: snapping the latent changes the stored values."""
+    discrete = {"weight": "integer"}
 
 
 class DropsBias(Dense):
@@ -260,7 +265,8 @@ class LaxParams(Dense):
     (NoisyPack, "test_identical_bytes_for_identical_inputs"),
     (NoisyPack, "test_dequantize_matches_reference"),
     (LossyUnpack, "test_pack_unpack_round_trip"),
-    (Detached, "test_dequantize_is_differentiable"),
+    (Detached, "test_trainable_fields_take_gradients"),
+    (SnapsAway, "test_discrete_fields_train_through_latents"),
     (DropsBias, "test_linear_matches_dequantize"),
     (LaxParams, "test_invalid_params_refused"),
 ])

@@ -36,8 +36,8 @@ class Dense(Format):
     def unpack(self, stored, shape):
         return {"weight": stored["weight"]}
 
-    def dequantize(self, stored, shape):
-        return stored["weight"].float()
+    def dequantize_fields(self, fields, shape):
+        return fields["weight"].float()
 
     def expected_bits(self, shape):
         return shape[0] * shape[1] * torch.finfo(DTYPES[self.params.dtype]).bits

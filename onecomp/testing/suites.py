@@ -167,7 +167,9 @@ class FormatSuite:
         cls = self.format_class()
         assert isinstance(cls.version, int) and cls.version >= 1, f"{cls.__name__}.version must be an int >= 1"
         assert isinstance(cls.trainable, tuple) and all(isinstance(n, str) for n in cls.trainable), \
-            f"{cls.__name__}.trainable must be a tuple of stored tensor names"
+            f"{cls.__name__}.trainable must be a tuple of field names"
+        assert isinstance(cls.discrete, dict) and all(isinstance(n, str) for n in cls.discrete), \
+            f"{cls.__name__}.discrete must map field names to 'sign' or 'integer'"
         if isinstance(self.component, str):
             assert _registry_of(self).entry("format", self.component).cls is cls
             assert cls.name == self.component
@@ -277,21 +279,50 @@ class FormatSuite:
 
     @_settings()
     @given(data=st.data())
-    def test_dequantize_is_differentiable(self, data):
+    def test_trainable_fields_take_gradients(self, data):
+        """What training refiners rely on: float fields get gradients through ``dequantize_fields``."""
         fmt, shape, fields, seed = self.draw_case(data)
-        stored = fmt.pack(fields, shape)
+        logical = fmt.unpack(fmt.pack(fields, shape), shape)
+        R = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
         for name in type(fmt).trainable:
-            assert name in stored, f"trainable tensor {name!r} is not among the stored tensors {sorted(stored)}"
-            assert stored[name].is_floating_point(), f"trainable tensor {name!r} is {stored[name].dtype}"
-            leaf = stored[name].detach().clone().requires_grad_(True)
-            W = fmt.dequantize({**stored, name: leaf}, shape)
-            assert W.requires_grad, f"dequantize() cut the graph: no gradient can reach {name!r}"
-            R = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+            assert name in logical, f"trainable field {name!r} is not among unpack()'s fields {sorted(logical)}"
+            assert logical[name].is_floating_point(), f"trainable field {name!r} is {logical[name].dtype}"
+            leaf = logical[name].detach().float().clone().requires_grad_(True)
+            W = fmt.dequantize_fields({**logical, name: leaf}, shape)
+            assert W.requires_grad, f"dequantize_fields() cut the graph: no gradient can reach {name!r}"
             (W * R).sum().backward()
             assert leaf.grad is not None, f"no gradient reaches {name!r}"
             assert leaf.grad.shape == leaf.shape and torch.isfinite(leaf.grad).all()
             if W.detach().abs().sum() > 0:  # Ŵ = 0 (e.g. every code at its zero point) may have no gradient
                 assert leaf.grad.abs().sum() > 0, f"the gradient of {name!r} is identically zero"
+
+    @_settings()
+    @given(data=st.data())
+    def test_discrete_fields_train_through_latents(self, data):
+        """``snap(latent_init)`` gives back the stored values, snapping is idempotent, the float
+        latent dequantizes like the stored codes, and a straight-through gradient reaches it."""
+        fmt, shape, fields, seed = self.draw_case(data)
+        stored = fmt.pack(fields, shape)
+        logical = fmt.unpack(stored, shape)
+        W0 = fmt.dequantize(stored, shape)
+        R = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+        for name, kind in type(fmt).discrete.items():
+            assert kind in ("sign", "integer"), f"discrete field {name!r} has kind {kind!r}; use 'sign' or 'integer'"
+            assert name in logical, f"discrete field {name!r} is not among unpack()'s fields {sorted(logical)}"
+            latent = fmt.latent_init(name, logical)
+            assert latent.is_floating_point() and latent.shape == logical[name].shape
+            snapped = fmt.snap(name, latent)
+            assert torch.equal(snapped, logical[name].to(snapped.dtype)), f"snap(latent_init({name!r})) != stored"
+            assert torch.equal(fmt.snap(name, snapped), snapped), f"snap is not idempotent on {name!r}"
+            if kind == "sign":
+                assert set(snapped.unique().tolist()) <= {-1.0, 1.0}, f"sign field {name!r} snaps outside ±1"
+            noisy = latent + 0.3 * torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+            assert torch.equal(fmt.snap(name, fmt.snap(name, noisy)), fmt.snap(name, noisy))
+            torch.testing.assert_close(fmt.dequantize_fields({**logical, name: snapped}, shape), W0)
+            leaf = latent.clone().requires_grad_(True)
+            W = fmt.dequantize_fields({**logical, name: leaf + (fmt.snap(name, leaf) - leaf).detach()}, shape)
+            (W * R).sum().backward()
+            assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), f"no STE gradient reaches {name!r}"
 
     @_settings()
     @given(data=st.data())

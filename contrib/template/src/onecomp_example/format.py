@@ -25,7 +25,8 @@ class ExampleInt8(Format):
     name = "example-int8"
     version = 1  # bump on ANY change to tensor names, dtypes, shapes or meaning
     Config = NoConfig
-    trainable = ("scale",)  # float tensors a training refiner may tune
+    trainable = ("scale",)  # float fields a training refiner may tune
+    discrete = {"codes": "integer"}  # tuned through a straight-through estimator, snapped by snap()
 
     def pack(self, fields, shape):
         out, inp = shape
@@ -43,8 +44,12 @@ class ExampleInt8(Format):
     def unpack(self, stored, shape):
         return {"codes": stored["codes"], "scale": stored["scale"]}
 
-    def dequantize(self, stored, shape):
-        return stored["scale"].float()[:, None] * stored["codes"].float()
+    def dequantize_fields(self, fields, shape):
+        # called with stored integer codes, and with float latents during training
+        return fields["scale"].float()[:, None] * fields["codes"].float()
+
+    def snap(self, name, latent):
+        return latent.round().clamp(-QMAX, QMAX)
 
     def expected_bits(self, shape):
         out, inp = shape

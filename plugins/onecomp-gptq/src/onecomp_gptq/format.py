@@ -75,6 +75,7 @@ class GPTQFormat(Format):
     version = 1
     Config = GPTQParams
     trainable = ("scales",)
+    discrete = {"q": "integer", "zeros": "integer"}
 
     def _groups(self, shape) -> tuple[int, int]:
         g = shape[1] if self.params.group_size == -1 else self.params.group_size
@@ -135,8 +136,10 @@ class GPTQFormat(Format):
             fields["g_idx"] = stored["g_idx"].long()
         return fields
 
-    def dequantize(self, stored, shape):
-        f = self.unpack(stored, shape)
+    def snap(self, name, latent):
+        return latent.round().clamp(0, 2**self.params.bits - 1)
+
+    def dequantize_fields(self, f, shape):
         g_idx = f["g_idx"] if self.params.act_order else self.default_g_idx(shape).to(f["q"].device)
         s = f["scales"].float()[:, g_idx]
         z = f["zeros"].float()[:, g_idx]
