@@ -277,7 +277,10 @@ class Regularizer:
     A training refiner passes each method the tensors it trains that match ``targets``
     (``"all"``, ``"continuous"``, ``"sign"`` or ``"integer"``), keyed ``"<module>.<field>"``:
     ``init`` once before training (it may edit them in place), ``penalty`` every step
-    (added to the loss), ``step`` after every optimizer step; ``report`` goes to the stage report.
+    (added to the loss), ``step`` after every optimizer step, ``finish`` with the values kept
+    at the end; ``report`` goes to the stage report. A block-wise refiner calls
+    ``init … finish`` once per block with that block's tensors (disjoint keys), so state must
+    accumulate across calls and ``report`` covers every key seen.
     """
 
     name: ClassVar[str]
@@ -294,6 +297,9 @@ class Regularizer:
         return torch.zeros(())
 
     def step(self, params: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+    def finish(self, params: Mapping[str, torch.Tensor]) -> None:
         pass
 
     def report(self) -> dict:
