@@ -10,7 +10,7 @@ import torch
 
 from onecomp import Compressed, LayerTask, Quantizer, in_range
 
-from .fit import bits_per_weight, estimated_flops, fit, importance_scales, rank_for
+from .factorize import bits_per_weight, estimated_flops, fit, importance_scales, rank_for
 from .format import MDBFFormat, MDBFParams
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,15 @@ class MDBFConfig:
     target_bpw: float = attrs.field(default=1.0, validator=in_range(0, 64, lo_open=True))
     envelope_rank: int = attrs.field(default=1, validator=in_range(1, 64))  # l
     terms: int = attrs.field(default=2, validator=in_range(1, 16))  # P
-    iterations: int = attrs.field(default=20, validator=in_range(0, 100_000))  # outer ADMM rounds per term
+    #: outer ADMM rounds per term; 15 keeps SmolLM2-135M within ~10 min on 2 cores (README, "Cost")
+    iterations: int = attrs.field(default=15, validator=in_range(0, 100_000))
     inner: int = attrs.field(default=3, validator=in_range(1, 100))  # ADMM iterations per side and round
     reg: float = attrs.field(default=0.03, validator=in_range(0, None))  # ridge, relative to diag(XᵀX)
     importance: bool = True  # weight input columns by sqrt(E[x²]) from calibration
     seed: int = attrs.field(default=0, validator=in_range(0, 2**31 - 1))
+    #: torch intra-op threads during the fit (0 keeps the process setting): its ops are small, and on
+    #: shared cores two threads were 2–5× slower than one (README, "Cost")
+    threads: int = attrs.field(default=1, validator=in_range(0, 1024))
 
 
 class MDBF(Quantizer):
@@ -64,9 +68,13 @@ class MDBF(Quantizer):
 
             bar = tqdm(total=P * c.iterations, desc=f"mdbf {task.name}", unit="round", leave=False)
         t0 = time.perf_counter()
+        threads = torch.get_num_threads()
         try:
+            if c.threads:
+                torch.set_num_threads(c.threads)
             terms, report = fit(W, r, l, P, c.iterations, c.inner, c.reg, scales, c.seed + task.seed, bar=bar)
         finally:
+            torch.set_num_threads(threads)
             if bar is not None:
                 bar.close()
         params = MDBFParams(rank=r, envelope_rank=l, terms=P)

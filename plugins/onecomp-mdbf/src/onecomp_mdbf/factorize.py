@@ -57,6 +57,10 @@ def rank_for(n: int, m: int, l: int, P: int, target: float) -> int:
 
 
 def _orth(X: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of X's columns (a unit vector for one column, never zero)."""
+    if X.shape[1] == 1:
+        size = X.norm()
+        return X / size if size > 0 else torch.full_like(X, X.shape[0] ** -0.5)
     return torch.linalg.qr(X).Q
 
 
@@ -64,7 +68,7 @@ def project(Y: torch.Tensor, l: int, V: torch.Tensor, iters: int = 2):
     """``Π_l(Y) = sign(Y) ⊙ TSVD_l(|Y|)`` for ``Y [a, k]``: returns ``(S, L, R, V)`` with
     ``Π_l(Y) = S ⊙ (L Rᵀ)``. The TSVD is ``iters`` subspace iterations from the right basis
     ``V [k, l]`` (a warm start: the basis the previous call returned)."""
-    S = torch.where(Y >= 0, 1.0, -1.0)
+    S = torch.copysign(torch.ones(()), Y)  # ±1; sign(0) counts as +1 (−0 as −1)
     M = Y.abs()
     for _ in range(iters):
         V = _orth(M.T @ _orth(M @ V))
@@ -80,24 +84,25 @@ def start_basis(k: int, l: int, gen: torch.Generator) -> torch.Tensor:
     return _orth(V)
 
 
-def admm(X, T, T_sq, Z, U, V, l: int, rho: float, reg: float, inner: int):
-    """Scaled ADMM for ``min ‖T − X Z‖² + reg·‖Z‖²`` over ``Z ∈ C_l``, warm-started from ``(Z, U)``.
+def admm(Xt, T, T_sq, Z, U, V, l: int, rho: float, reg: float, inner: int):
+    """Scaled ADMM for ``min ‖T − Xtᵀ Z‖² + reg·‖Z‖²`` over ``Z ∈ C_l``, warm-started from ``(Z, U)``.
 
-    ``X [a, r]`` has unit columns, so ``reg`` and ``rho`` are relative to ``XᵀX``'s diagonal.
+    ``Xt [r, a]`` has unit rows, so ``reg`` and ``rho`` are relative to the diagonal of ``Xt Xtᵀ``.
     Returns the projected iterate as ``(S, L, R)``, the new ``Z``, dual ``U``, basis ``V`` and
-    the error ``‖T − X Z‖²`` (from ``XᵀX`` and ``XᵀT``, without forming ``X Z``).
+    the error ``‖T − Xtᵀ Z‖²`` (from ``Xt Xtᵀ`` and ``Xt T``, without forming the product).
     """
-    XX = X.T @ X
-    XT = X.T @ T
+    XX = Xt @ Xt.T
+    XT = Xt @ T
     H = XX.clone()
     H.diagonal().add_(reg * float(XX.diagonal().mean()) + rho)
     H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    base = H_inv @ XT
     for _ in range(inner):
-        Z_ls = H_inv @ (XT + rho * (Z - U))
-        S, L, R, V = project(Z_ls + U, l, V)
-        Z = S * (L @ R.T)
-        U = U + Z_ls - Z
-    err = T_sq - 2 * (XT * Z).sum() + (XX * (Z @ Z.T)).sum()
+        Y = torch.addmm(base, H_inv, Z.sub_(U), alpha=rho).add_(U)  # Z_ls + U, Z_ls = H⁻¹(XT + ρ(Z − U))
+        S, L, R, V = project(Y, l, V)
+        Z = S * (L @ R.T) if l > 1 else (S * L).mul_(R.T)
+        U = Y.sub_(Z)  # U + Z_ls − Z
+    err = T_sq - 2 * torch.vdot(XT.flatten(), Z.flatten()) + torch.vdot(XX.flatten(), (Z @ Z.T).flatten())
     return (S, L, R), Z, U, V, float(err.clamp_min(0))
 
 
@@ -136,14 +141,18 @@ def init_random(W: torch.Tensor, r: int, l: int, gen: torch.Generator) -> Term:
 
 
 def rho_at(t: int, iterations: int) -> float:
-    """ADMM penalty warm-up: loose (0.03, nearly free least squares) at first, 1 at the end."""
-    return 0.03 + 0.97 * (t / max(1, iterations - 1)) ** 3
+    """ADMM penalty warm-up: loose at first (0.03, close to free least squares, so signs can move),
+    rising as sqrt(t/T) to 1 (measured on SmolLM2 layers: at 10 rounds as good as a cubic
+    warm-up at 20)."""
+    return 0.03 + 0.97 * math.sqrt(t / max(1, iterations - 1))
 
 
 def fit_term(W: torch.Tensor, r: int, l: int, iterations: int, inner: int = 3, reg: float = 0.03,
              gen: torch.Generator | None = None, init: str = "svd", bar=None) -> tuple[Term, list[float]]:
     """Fit one term ``F G ≈ W`` (fp32 ``[n, m]``): init, then ``iterations`` alternating ADMM rounds.
 
+    Each round solves for F with G's rows scaled to unit norm, then for G with F's columns
+    scaled to unit norm (the scale moves into the factor being solved, so ``F G`` is kept).
     Returns the best term seen (by ``‖W − F G‖²``, the initial one included) and the error
     after the initialisation and after every round.
     """
@@ -151,30 +160,28 @@ def fit_term(W: torch.Tensor, r: int, l: int, iterations: int, inner: int = 3, r
     n, m = W.shape
     t0 = (init_svd if init == "svd" else init_random)(W, r, l, gen)
     S_A, A, Q_U, S_B, Q_V, B = t0
+    Ft, G = t0.F().T.contiguous(), t0.G()  # Fᵀ [r, n] and G [r, m], kept materialised
+    S_At = S_A.T
     W_sq = W.square().sum()
-    err = float((W - t0.W()).square().sum())
+    err = float((W - Ft.T @ G).square().sum())
     best, best_err, history = t0, err, [err]
     U_F, U_G = torch.zeros(r, n), torch.zeros(r, m)  # scaled duals of Fᵀ and G
     V_F, V_G = start_basis(n, l, gen), start_basis(m, l, gen)  # warm right bases of Π_l on Fᵀ and G
     for t in range(iterations):
         rho = rho_at(t, iterations)
-        # F-step: G fixed with unit rows; solve Wᵀ ≈ Gᵀ Fᵀ for Fᵀ ∈ C_l
-        G = S_B * (Q_V @ B.T)
-        c = G.norm(dim=1).clamp_min(TINY)
-        Q_V, U_G = Q_V / c[:, None], U_G / c[:, None]
-        Z = (S_A * (A @ Q_U.T) * c).T
-        (S, L, R), _, U_F, V_F, _ = admm((G / c[:, None]).T, W.T, W_sq, Z, U_F * c[:, None], V_F, l, rho, reg,
-                                         inner)
-        S_A, Q_U, A = S.T, L, R
-        # G-step: F fixed with unit columns; solve W ≈ F G for G ∈ C_l
-        F = S_A * (A @ Q_U.T)
-        c = F.norm(dim=0).clamp_min(TINY)
-        Q_U, U_F = Q_U / c[:, None], U_F / c[:, None]
-        Z = S_B * (Q_V @ B.T) * c[:, None]
-        (S_B, Q_V, B), _, U_G, V_G, err = admm(F / c, W, W_sq, Z, U_G * c[:, None], V_G, l, rho, reg, inner)
+        # F-step: G with unit rows; solve Wᵀ ≈ Gᵀ Fᵀ for Fᵀ ∈ C_l
+        c = G.norm(dim=1).clamp_min(TINY)[:, None]
+        G.div_(c), U_G.div_(c)
+        Q_V = Q_V / c
+        (S_At, Q_U, A), Ft, U_F, V_F, _ = admm(G, W.T, W_sq, Ft.mul_(c), U_F.mul_(c), V_F, l, rho, reg, inner)
+        # G-step: F with unit columns; solve W ≈ F G for G ∈ C_l
+        c = Ft.norm(dim=1).clamp_min(TINY)[:, None]
+        Ft.div_(c), U_F.div_(c)
+        Q_U = Q_U / c
+        (S_B, Q_V, B), G, U_G, V_G, err = admm(Ft, W, W_sq, G.mul_(c), U_G.mul_(c), V_G, l, rho, reg, inner)
         history.append(err)
         if err < best_err:
-            best, best_err = Term(S_A, A, Q_U, S_B, Q_V, B), err
+            best, best_err = Term(S_At.T, A, Q_U, S_B, Q_V, B), err
         if bar is not None:
             bar.set_postfix_str(f"rel err {err / max(float(W_sq), TINY):.4f}")
             bar.update(1)
