@@ -29,6 +29,7 @@ BUILTINS = (
     "onecomp.builtin.dense",
     "onecomp.builtin.uniform",
     "onecomp.builtin.torch_backend",
+    "onecomp.builtin.refiners",
 )
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 #: which distribution to install for a first-party name not found locally

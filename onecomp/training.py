@@ -44,14 +44,12 @@ class TrainableLinear(nn.Module):
         self.bias = layer.bias
 
     def fields(self, straight: bool = True) -> dict[str, torch.Tensor]:
-        """The logical fields as the forward pass sees them (latents snapped)."""
+        """The logical fields as the forward pass sees them: latents snapped, floats in their stored dtype."""
         out = dict(self.frozen)
         for k, p in self.params.items():
-            if self.kinds[k] == "continuous":
-                out[k] = p
-            else:
-                snapped = self.format.snap(k, p)
-                out[k] = straight_through(p, snapped) if straight else snapped
+            # continuous fields are rounded to their stored dtype, so training sees what is stored
+            snapped = p.to(self.dtypes[k]).to(p.dtype) if self.kinds[k] == "continuous" else self.format.snap(k, p)
+            out[k] = straight_through(p, snapped) if straight else snapped
         return out
 
     def weight(self) -> torch.Tensor:

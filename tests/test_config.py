@@ -199,7 +199,7 @@ def test_unknown_model_key_and_bad_dtype(reg):
 def test_refiner_with_unknown_name_lists_installed_refiners(reg):
     e = error(load_config, pipeline(refiners=[{"name": "qepp"}]), registry=reg)
     assert e.path == "refiners[0].name"
-    assert "no refiner named 'qepp'; installed: qep, smooth (did you mean 'qep'?)" in e.message
+    assert "no refiner named 'qepp'; installed: blockwise, global, qep, smooth (did you mean 'qep'?)" in e.message
 
 
 def test_refiner_param_errors_name_their_index(reg):

@@ -7,17 +7,15 @@ on resume, saved blocks are re-applied and only the activations are recomputed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import attrs
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..calibration import BlockInputs, capture_block, first_block_inputs, propagate
-from ..checkpoint import QuantLinear
+from ..checkpoint import BlockStore, QuantLinear
 from ..components import LayerStats, LayerTask
 from .report import BlockReport, LayerReport
 
@@ -54,43 +52,6 @@ def relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None)
     return float(((E @ H) * E).sum() / ((W @ H) * W).sum().clamp(min=1e-30))
 
 
-class _BlockStore:
-    """Finished blocks on disk: ``block-NNN.safetensors`` + ``block-NNN.json``, written atomically."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def _paths(self, b):
-        return self.root / f"block-{b:03d}.safetensors", self.root / f"block-{b:03d}.json"
-
-    def has(self, b) -> bool:
-        return self._paths(b)[1].exists()
-
-    def save(self, b, modules: dict, reports: list) -> None:
-        st, js = self._paths(b)
-        tensors = {f"{name}::{k}": v.contiguous() for name, m in modules.items() for k, v in m.stored().items()}
-        tmp = st.with_name(st.name + ".tmp")
-        save_file(tensors, tmp)
-        os.replace(tmp, st)
-        meta = {name: {"format": m.format.name, "params": m.format.to_dict(), "shape": list(m.shape)}
-                for name, m in modules.items()}
-        tmp = js.with_name(js.name + ".tmp")
-        tmp.write_text(json.dumps({"modules": meta, "layers": [attrs.asdict(r) for r in reports]}))
-        os.replace(tmp, js)
-
-    def load(self, b, registry):
-        st, js = self._paths(b)
-        meta = json.loads(js.read_text())
-        tensors = load_file(st)
-        out = {}
-        for name, m in meta["modules"].items():
-            fmt = registry.get("format", m["format"]).from_dict(m["params"])
-            stored = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
-            out[name] = (fmt, tuple(m["shape"]), stored)
-        return out, [LayerReport(**r) for r in meta["layers"]]
-
-
 def run_layerwise(ctx: LayerwiseContext) -> dict:
     """Quantize every planned linear layer, block by block; returns per-layer reports."""
     model, insp, registry = ctx.model, ctx.inspection, ctx.registry
@@ -99,7 +60,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
     for spec in ctx.plan.values():
         if _key(spec) not in quantizers:
             quantizers[_key(spec)] = registry.create(spec)
-    store = _BlockStore(ctx.work_dir)
+    store = BlockStore(ctx.work_dir)
     need_fp = any("cross" in c.needs for c in [*quantizers.values(), *ctx.refiners])
 
     if not need_fp and not any(q.needs for q in quantizers.values()) and not any(r.needs for r in ctx.refiners):
@@ -121,7 +82,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
 
         layer_reports, fp_out = _quantize_block(ctx, b, info, block, quantizers, q_in, fp_in)
         done = {r.name: model.get_submodule(r.name) for r in layer_reports}
-        store.save(b, done, layer_reports)
+        store.save(b, done, {"layers": [attrs.asdict(r) for r in layer_reports]})
         reports += layer_reports
         q_in = propagate(block, q_in)
         fp_in = fp_out
@@ -145,7 +106,8 @@ def _quantize_without_data(ctx, quantizers, store) -> dict:
             continue
         t0 = time.perf_counter()
         layer_reports, _ = _quantize_block(ctx, b, info, blocks[b], quantizers, None, None)
-        store.save(b, {r.name: ctx.model.get_submodule(r.name) for r in layer_reports}, layer_reports)
+        store.save(b, {r.name: ctx.model.get_submodule(r.name) for r in layer_reports},
+                   {"layers": [attrs.asdict(r) for r in layer_reports]})
         reports += layer_reports
         if ctx.run_info is not None:
             ctx.registry.hook.on_block_done(run=ctx.run_info,
@@ -154,11 +116,8 @@ def _quantize_without_data(ctx, quantizers, store) -> dict:
 
 
 def _apply_saved(ctx, store, b) -> list:
-    saved, layer_reports = store.load(b, ctx.registry)
-    for name, (fmt, shape, stored) in saved.items():
-        old = ctx.model.get_submodule(name)
-        _replace(ctx.model, name, QuantLinear(fmt, shape, stored, getattr(old, "bias", None)))
-    return layer_reports
+    notes = store.apply(b, ctx.model, ctx.registry)
+    return [LayerReport(**r) for r in notes["layers"]]
 
 
 def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, fp_in: BlockInputs | None):
