@@ -60,6 +60,16 @@ SETTINGS = {
                                     "refiners": [{"name": "qep", "percdamp": 0.1}]},
     "gptq+qep-w3g128-percdamp1": {"quantizer": q("gptq", bits=3, group_size=128),
                                   "refiners": [{"name": "qep", "percdamp": 1.0}]},
+    # binary factorization (needs onecomp-mdbf), layer-wise only: DBF is one term with a rank-1
+    # envelope; the mdbf-l2 rows spend the same bits on a rank-2 envelope; mdbf-1.5 is the plugin's
+    # defaults (two rank-1 terms)
+    "dbf-1.0": {"quantizer": q("mdbf", target_bpw=1.0, envelope_rank=1, terms=1)},
+    "dbf-1.5": {"quantizer": q("mdbf", target_bpw=1.5, envelope_rank=1, terms=1)},
+    "dbf-2.0": {"quantizer": q("mdbf", target_bpw=2.0, envelope_rank=1, terms=1)},
+    "mdbf-l2-1.0": {"quantizer": q("mdbf", target_bpw=1.0, envelope_rank=2, terms=1)},
+    "mdbf-l2-1.5": {"quantizer": q("mdbf", target_bpw=1.5, envelope_rank=2, terms=1)},
+    "mdbf-l2-2.0": {"quantizer": q("mdbf", target_bpw=2.0, envelope_rank=2, terms=1)},
+    "mdbf-1.5": {"quantizer": q("mdbf", target_bpw=1.5)},
 }
 
 

@@ -96,9 +96,8 @@ def admm(Xt, T, T_sq, Z, U, V, l: int, rho: float, reg: float, inner: int):
     H = XX.clone()
     H.diagonal().add_(reg * float(XX.diagonal().mean()) + rho)
     H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H))
-    base = H_inv @ XT
     for _ in range(inner):
-        Y = torch.addmm(base, H_inv, Z.sub_(U), alpha=rho).add_(U)  # Z_ls + U, Z_ls = H⁻¹(XT + ρ(Z − U))
+        Y = (H_inv @ Z.sub_(U).mul_(rho).add_(XT)).add_(U)  # Z_ls + U with Z_ls = H⁻¹(XT + ρ(Z − U))
         S, L, R, V = project(Y, l, V)
         Z = S * (L @ R.T) if l > 1 else (S * L).mul_(R.T)
         U = Y.sub_(Z)  # U + Z_ls − Z
