@@ -1,0 +1,90 @@
+"""auto-round (SignRound: sign-gradient tuning of rounding and min-max), run in its own venv on CPU.
+
+Calibration goes in as a list of ``[1, seq_len]`` token tensors (our windows, in order): auto-round then
+skips its dataset loading and tokenisation (no BOS is added to a tensor). auto-round itself masks the
+last token of every window out of its attention mask and its loss (its workaround, left as is).
+Defaults of the release otherwise (``iters`` from the setting, 200 by default), symmetric int, the given
+group size; output saved with ``save_quantized(format="auto_gptq")`` (packed int32 codes, fp16 scales,
+packed zeros, g_idx) whose tensors give the bits per weight. ppl: the in-memory model after
+``quantize()``, whose linear weights auto-round has replaced with the quantized-dequantized values.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from peer_common import Run, load_fp32, parse_args, stored_bits  # noqa: E402
+
+
+def main():
+    args = parse_args(__doc__)
+    run = Run("auto-round", args, ["auto-round"])
+    calib, evals = run.inputs()
+    s = args.setting
+    model = run.fp_model()
+    if s.get("fp32"):
+        run.evaluate(model, evals)
+        run.finish()
+        return
+    from auto_round import AutoRound
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    data = [w[None] for w in calib]
+    kw = {"bits": s["bits"], "group_size": s["group_size"], "sym": s.get("sym", True), "dataset": data,
+          "nsamples": calib.shape[0], "seqlen": calib.shape[1], "device_map": "cpu", "amp": False,
+          "enable_torch_compile": False}
+    if "iters" in s:
+        kw["iters"] = s["iters"]
+    ar = AutoRound(model, tokenizer, **kw)
+    run.timed(ar.quantize)
+    out = Path(args.out) / "quantized"
+    ar.save_quantized(str(out), format="auto_gptq", inplace=False)
+    bits = stored_bits(out, args.model)
+    # evaluate the saved checkpoint's dequantized weights on the fp32 model (independent of auto-round's
+    # in-memory state): unpack the auto_gptq tensors ourselves
+    model = load_fp32(args.model)
+    dequantize_gptq_into(model, out, s["bits"])
+    run.evaluate(model, evals)
+    run.finish(bits=bits, tool_params={k: (v if not isinstance(v, list) else "our windows")
+                                       for k, v in kw.items()} | {"iters": getattr(ar, "iters", None)},
+               eval_weights="fp32 model with weights unpacked from the saved auto_gptq tensors "
+               "(qweight/qzeros/scales/g_idx)")
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unpack 32/bits values per int32 along ``dim`` (auto_gptq layout, low bits first)."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    p = packed.to(torch.int32)
+    if dim == 0:
+        vals = (p[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
+        return vals.reshape(p.shape[0] * per, p.shape[1])
+    vals = (p[:, :, None] >> shifts[None, None, :]) & ((1 << bits) - 1)
+    return vals.reshape(p.shape[0], p.shape[1] * per)
+
+
+def dequantize_gptq_into(model, out: Path, bits: int) -> None:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(out.rglob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    if 32 % bits:
+        raise NotImplementedError(f"{bits}-bit auto_gptq packing spans int32 words; unpacking not written")
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or f"{name}.qweight" not in tensors:
+            continue
+        qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"].float()
+        qzeros, g_idx = tensors[f"{name}.qzeros"], tensors[f"{name}.g_idx"].long()
+        q = unpack_int32(qweight, bits, 0)[: mod.in_features]  # [in, out]
+        z = unpack_int32(qzeros, bits, 1)[:, : mod.out_features].float()  # [groups, out]
+        W = (q.float() - z[g_idx]) * scales[g_idx]  # [in, out]
+        mod.weight.data = W.t().contiguous()
+
+
+if __name__ == "__main__":
+    main()
