@@ -234,3 +234,20 @@ def test_blockwise_resumes_after_a_crash(tiny_model_dir, tmp_path, monkeypatch):
 def test_bad_training_config_names_the_field(tiny_model_dir, tmp_path, bad, message):
     with pytest.raises(onecomp.ConfigError, match=rf"refiners\[0\]\.{message}"):
         onecomp.run(config(tiny_model_dir, tmp_path / "x", [{"name": "blockwise", **bad}]), progress=False)
+
+
+def test_appending_a_refiner_runs_only_the_new_stage(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    onecomp.run(config(tiny_model_dir, out, []), progress=False)
+    pivot = (out / "01-layerwise" / "onecomp.json").stat().st_mtime_ns
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("onecomp.pipeline.run"), "run_layerwise", lambda ctx: pytest.fail("the layer-wise stage ran again"))
+    result = onecomp.run(config(tiny_model_dir, out, [{"name": "blockwise", "epochs": 1}]), progress=False)
+    assert [s["name"] for s in result["stages"]] == ["layerwise", "blockwise"]
+    assert (out / "01-layerwise" / "onecomp.json").stat().st_mtime_ns == pivot
+    assert (out / "02-blockwise" / "onecomp.json").exists()
+    # changing anything else, or inserting a layer-scope refiner, is still a different run
+    with pytest.raises(onecomp.OneCompError, match="different config"):
+        onecomp.run(config(tiny_model_dir, out, [{"name": "qep"}, {"name": "blockwise", "epochs": 1}]),
+                    progress=False)

@@ -60,7 +60,24 @@ def _stage_dir(out: Path, index: int, name: str) -> Path:
     return out / f"{index:02d}-{name}"
 
 
-def _prepare_out(out: Path, config: dict, resume: bool, force: bool) -> dict:
+def _extends(old: dict, new: dict, registry) -> bool:
+    """True when ``new`` equals ``old`` except for block/model refiners appended after old's:
+    the finished stages are then still valid and the run can go on with more stages."""
+    if {k: v for k, v in old.items() if k != "refiners"} != {k: v for k, v in new.items() if k != "refiners"}:
+        return False
+
+    def split(config):
+        layer, later = [], []
+        for r in config.get("refiners", []):
+            name = r if isinstance(r, str) else r.get("name")
+            (layer if registry.get("refiner", name).scope == "layer" else later).append(r)
+        return layer, later
+
+    (old_layer, old_later), (new_layer, new_later) = split(old), split(new)
+    return old_layer == new_layer and new_later[:len(old_later)] == old_later
+
+
+def _prepare_out(out: Path, config: dict, resume: bool, force: bool, registry) -> dict:
     state_path = out / "run.json"
     if state_path.exists():
         state = json.loads(state_path.read_text())
@@ -70,6 +87,11 @@ def _prepare_out(out: Path, config: dict, resume: bool, force: bool) -> dict:
             if state.get("config") != config:
                 raise RunError(f"{out} holds a run with a different config; use another output.dir or --force")
             log.info("resuming the run in %s", out)
+            return state
+        elif _extends(state.get("config", {}), config, registry):
+            log.info("extending the run in %s with more stages", out)
+            state["config"] = config
+            write_json(state_path, state)
             return state
         else:
             raise RunError(f"{out} holds a run with a different config; pass --force to start over "
@@ -95,7 +117,7 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
     if output:
         cfg.output.dir = output
     out = Path(cfg.output.dir)
-    state = _prepare_out(out, cfg.raw, resume, force)
+    state = _prepare_out(out, cfg.raw, resume, force, registry)
     t_run = time.perf_counter()
     backend = registry.create(cfg.backend)
     device = backend.device()
