@@ -64,11 +64,11 @@ TOOLS = {
         }},
     "auto-round": {
         "pip": ["auto-round"], "dists": ["auto-round", "transformers"],
-        "settings": {"w4g128": {"bits": 4, "group_size": 128}}},
+        "settings": {"w4g128": {"bits": 4, "group_size": 128}, "w4g128-iters2": {"bits": 4, "group_size": 128, "iters": 2}}},
     "gptqmodel": {
         "pip": ["gptqmodel"], "pip_args": ["--no-build-isolation"], "dists": ["gptqmodel", "transformers"],
         "env": {"BUILD_CUDA_EXT": "0", "GPTQMODEL_BUILD_CUDA_EXT": "0", "CUDA_VISIBLE_DEVICES": ""},
-        "settings": {"gptq-w4g128": {"bits": 4, "group_size": 128}}},
+        "settings": {"gptq-w4g128": {"bits": 4, "group_size": 128}, "gptq-w3g128": {"bits": 3, "group_size": 128}}},
     "hqq": {
         "pip": ["hqq"], "dists": ["hqq", "transformers"],
         "settings": {"w4g64": {"bits": 4, "group_size": 64}, "w4g128": {"bits": 4, "group_size": 128},
@@ -226,16 +226,27 @@ def save_row(path: Path, key: str, row: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
+#: our settings recorded in quality.json under another name (same config: shrink 0.5 is GPTQ's default)
+QUALITY_ALIASES = {"gptq-w4g128": "gptq-w4g128-shrink0.5"}
+
+
 def ours_from_quality(setting: str) -> dict | None:
     """An our-row rebuilt from results/quality.json (no rerun; peak RSS is the stage's, not the process's)."""
-    q = load_results(RESULTS / "quality.json").get(setting)
+    if setting == "fp32":
+        fp = load_results(RESULTS / "fp32.json")
+        return fp and {"tool": "ours", "setting": "fp32", "ppl": fp["ppl"], "threads": fp["env"]["threads"],
+                       "versions": {k: fp["env"].get(k) for k in ("onecomp", "torch", "transformers")},
+                       "date": fp["env"].get("date"), "source": "results/fp32.json"}
+    quality = load_results(RESULTS / "quality.json")
+    alias = QUALITY_ALIASES.get(setting) if setting not in quality else None
+    q = quality.get(alias or setting)
     if not q:
         return None
     return {"tool": "ours", "setting": setting, "ppl": q["ppl"], "bits": {"bits_per_weight": q["bits_per_weight"]},
             "quant_seconds": q["quant_seconds"], "peak_rss_mb": q["peak_rss_mb"], "threads": q["env"]["threads"],
             "versions": {k: q["env"].get(k) for k in ("onecomp", "torch", "transformers")},
-            "date": q["env"].get("date"), "source": "results/quality.json (stage peak RSS, psutil-sampled; "
-                                                    "not rerun by compare.py)"}
+            "date": q["env"].get("date"), "source": f"results/quality.json row {alias or setting} (stage peak RSS, "
+                                                    "psutil-sampled; not rerun by compare.py)"}
 
 
 def family(row: dict) -> str:
@@ -484,7 +495,7 @@ def main():
             jobs.append((tool, name, params))
     for tool, name, params in jobs:
         key = f"{tool}/{name}"
-        if tool == "ours" and args.ours_from_quality and name != "fp32":
+        if tool == "ours" and args.ours_from_quality:
             row = ours_from_quality(name)
             if row is None:
                 print(f"{key}: not in results/quality.json; run it without --ours-from-quality", file=sys.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from peer_common import Run, load_fp32, parse_args, stored_bits  # noqa: E402
+from peer_common import Run, dequantize_gptq_into, load_fp32, parse_args, stored_bits  # noqa: E402
 
 
 def main():
@@ -47,43 +47,12 @@ def main():
     # evaluate the saved checkpoint's dequantized weights on the fp32 model (independent of auto-round's
     # in-memory state): unpack the auto_gptq tensors ourselves
     model = load_fp32(args.model)
-    dequantize_gptq_into(model, out, s["bits"])
+    unpacked = dequantize_gptq_into(model, out, s["bits"])
     run.evaluate(model, evals)
-    run.finish(bits=bits, tool_params={k: (v if not isinstance(v, list) else "our windows")
+    run.finish(bits=bits, unpacked=unpacked, tool_params={k: (v if not isinstance(v, list) else "our windows")
                                        for k, v in kw.items()} | {"iters": getattr(ar, "iters", None)},
                eval_weights="fp32 model with weights unpacked from the saved auto_gptq tensors "
                "(qweight/qzeros/scales/g_idx)")
-
-
-def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Unpack 32/bits values per int32 along ``dim`` (auto_gptq layout, low bits first)."""
-    per = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-    p = packed.to(torch.int32)
-    if dim == 0:
-        vals = (p[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
-        return vals.reshape(p.shape[0] * per, p.shape[1])
-    vals = (p[:, :, None] >> shifts[None, None, :]) & ((1 << bits) - 1)
-    return vals.reshape(p.shape[0], p.shape[1] * per)
-
-
-def dequantize_gptq_into(model, out: Path, bits: int) -> None:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for f in sorted(out.rglob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    if 32 % bits:
-        raise NotImplementedError(f"{bits}-bit auto_gptq packing spans int32 words; unpacking not written")
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or f"{name}.qweight" not in tensors:
-            continue
-        qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"].float()
-        qzeros, g_idx = tensors[f"{name}.qzeros"], tensors[f"{name}.g_idx"].long()
-        q = unpack_int32(qweight, bits, 0)[: mod.in_features]  # [in, out]
-        z = unpack_int32(qzeros, bits, 1)[:, : mod.out_features].float()  # [groups, out]
-        W = (q.float() - z[g_idx]) * scales[g_idx]  # [in, out]
-        mod.weight.data = W.t().contiguous()
 
 
 if __name__ == "__main__":

@@ -93,8 +93,11 @@ def load_fp32(model_dir: str):
 def perplexity(model, windows: torch.Tensor) -> float:
     """exp(mean over windows of ``model(ids, labels=ids).loss``), one window at a time, fp32."""
     device = next(model.parameters()).device
-    losses = [model(input_ids=w[None].to(device), labels=w[None].to(device), use_cache=False).loss.float().item()
-              for w in windows]
+    losses = []
+    for i, w in enumerate(windows):
+        losses.append(model(input_ids=w[None].to(device), labels=w[None].to(device), use_cache=False).loss.float().item())
+        if (i + 1) % 10 == 0:
+            print(f"ppl: {i + 1}/{len(windows)} windows", file=sys.stderr, flush=True)
     return math.exp(sum(losses) / len(losses))
 
 
@@ -146,3 +149,45 @@ def stored_bits(out_dir: Path, model_dir: str) -> dict:
     total = sum(by_kind.values())
     return {"bits_per_weight": 8 * total / weights if weights and total else None, "quantized_weights": weights,
             "stored_bytes": total, "bytes_by_tensor": by_kind, "files": [str(f.relative_to(out_dir)) for f in files]}
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unpack 32/bits values per int32 word along ``dim`` (GPTQ layout, low bits first)."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    p = packed.to(torch.int32)
+    mask = (1 << bits) - 1
+    if dim == 0:
+        return ((p[:, None, :] >> shifts[None, :, None]) & mask).reshape(p.shape[0] * per, p.shape[1])
+    return ((p[:, :, None] >> shifts[None, None, :]) & mask).reshape(p.shape[0], p.shape[1] * per)
+
+
+def dequantize_gptq_into(model, out: Path, bits: int) -> dict:
+    """Write into the fp32 ``model`` the weights a saved GPTQ-format checkpoint holds (qweight, qzeros,
+    scales, g_idx), read by us rather than by the tool. The zero-point convention (``checkpoint_format``
+    gptq = v1, stored zero - 1; gptq_v2 = as is) comes from the checkpoint's quantization config."""
+    from safetensors.torch import load_file
+
+    if 32 % bits:
+        raise NotImplementedError(f"{bits}-bit GPTQ packing spans int32 words; unpacking not written")
+    config = {}
+    for name in ("config.json", "quantize_config.json", "quant_config.json"):
+        if (out / name).exists():
+            data = json.loads((out / name).read_text())
+            config.update(data.get("quantization_config", data) if name == "config.json" else data)
+    fmt = str(config.get("checkpoint_format", config.get("format", "gptq"))).lower()
+    offset = 0 if "v2" in fmt else 1
+    tensors = {}
+    for f in sorted(out.rglob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    n = 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or f"{name}.qweight" not in tensors:
+            continue
+        scales = tensors[f"{name}.scales"].float()
+        g_idx = tensors[f"{name}.g_idx"].long()
+        q = unpack_int32(tensors[f"{name}.qweight"], bits, 0)[: mod.in_features].float()  # [in, out]
+        z = unpack_int32(tensors[f"{name}.qzeros"], bits, 1)[:, : mod.out_features].float() + offset
+        mod.weight.data = ((q - z[g_idx]) * scales[g_idx]).t().contiguous()
+        n += 1
+    return {"format": fmt, "zero_offset": offset, "layers": n}
