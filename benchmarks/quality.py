@@ -90,14 +90,16 @@ SETTINGS = {
 }
 
 
-def run_setting(key: str, keep: bool = False) -> dict:
+def run_setting(key: str, output: str | None = None) -> dict:
+    """Run one setting; with ``output`` the run lives there, so a run with the same layer-wise
+    config is extended by the setting's later stages instead of starting over."""
     import onecomp
 
     setting = SETTINGS[key]
     with tempfile.TemporaryDirectory(prefix="onecomp-bench-") as tmp:
         config = {"model": {"id": "smollm2-135m"}, **json.loads(json.dumps(PROTOCOL)),
                   "plan": {"planner": "uniform", "quantizer": setting["quantizer"]},
-                  "refiners": setting.get("refiners", []), "output": {"dir": str(Path(tmp) / key)}}
+                  "refiners": setting.get("refiners", []), "output": {"dir": output or str(Path(tmp) / key)}}
         result = onecomp.run(config, progress=True)
     stages = result["stages"]
     row = {"setting": key, "config": {k: v for k, v in config.items() if k in ("plan", "refiners", "calibration")},
@@ -155,6 +157,7 @@ def main():
     p.add_argument("--list", action="store_true")
     p.add_argument("--table", action="store_true")
     p.add_argument("--fp", action="store_true", help="also (re)measure the fp32 baseline")
+    p.add_argument("--output", help="run directory to use (and extend) instead of a temporary one; one setting")
     args = p.parse_args()
     if args.list:
         print("\n".join(SETTINGS))
@@ -164,7 +167,7 @@ def main():
     for key in args.settings:
         if key not in SETTINGS:
             p.error(f"unknown setting {key!r}; see --list")
-        row = run_setting(key)
+        row = run_setting(key, args.output)
         print(f"{key}: bpw {row['bits_per_weight']:.3f} ppl {row['ppl']} time {row['quant_seconds']:.0f}s")
     print(table())
 

@@ -14,7 +14,9 @@ README = Path(__file__).parent.parent / "README.md"
 #: rows shown in the README, in order (everything else stays in results/quality.md)
 SHOWN = ["rtn-w4g128", "gptq-w4g128-shrink0", "gptq-w4g128-damp1", "gptq-w4g128-shrink0.5", "gptq-w4g128",
          "gptq+qep-w4g128", "rtn-w3g128", "gptq-w3g128", "gptq+qep-w3g128",
-         "rtn-w3pc", "gptq-w3pc", "gptq+qep-w3pc", "rtn-w2g64", "gptq-w2g64", "gptq+qep-w2g64"]
+         "rtn-w3pc", "gptq-w3pc", "gptq+qep-w3pc", "rtn-w2g64", "gptq-w2g64", "gptq+qep-w2g64",
+         "gptq-w3g128+blockwise+global", "dbf-1.0", "dbf-1.5", "dbf-2.0", "mdbf-l2-1.5", "mdbf-l2-2.0",
+         "dbf-1.5+blockwise", "mdbf-l2-1.5+blockwise", "mdbf-l2-1.5+blockwise+signlock"]
 
 
 def section() -> str:
@@ -26,14 +28,18 @@ def section() -> str:
              "[benchmarks/results/quality.md](benchmarks/results/quality.md). GPTQ's default is `shrink = 0.5` "
              "(rows `gptq-w4g128-shrink0.5`, `gptq-w3g128`, `gptq+qep-*`); `shrink0` and `damp1` are GPTQ as "
              "commonly configured, which loses to RTN out of domain (see plugins/onecomp-gptq/README.md).", "",
-             "| setting | bits/weight | ppl gospels | ppl pydoc | quant time (s) |", "|---|---|---|---|---|"]
+             "| setting | bits/weight | ppl gospels | ppl pydoc | stage time (s) |", "|---|---|---|---|---|"]
     if fp:
         lines.append(f"| fp32 | 32 | {fmt(fp['ppl'][TEXTS[0]])} | {fmt(fp['ppl'][TEXTS[1]])} | – |")
     for key in SHOWN:
         if key in quality:
             r = quality[key]
-            lines.append(f"| {key} | {fmt(r['bits_per_weight'], 3)} | {fmt(r['ppl'][TEXTS[0]])} | "
-                         f"{fmt(r['ppl'][TEXTS[1]])} | {fmt(r['quant_seconds'], 0)} |")
+            stages = r.get("stages") or [{"name": "layerwise", "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
+                                          "seconds": r["quant_seconds"]}]
+            for i, st in enumerate(stages):
+                label = key if len(stages) == 1 else f"{key}: stage {i + 1} {st['name']}"
+                lines.append(f"| {label} | {fmt(st['bits_per_weight'], 3)} | {fmt(st['ppl'][TEXTS[0]])} | "
+                             f"{fmt(st['ppl'][TEXTS[1]])} | {fmt(st['seconds'], 0)} |")
     lines.append("")
     lines.append("Times were measured while other jobs shared the 2 cores; notes per row are in quality.md. "
                  "Generated from `benchmarks/results/` by `python benchmarks/readme_results.py`.")
