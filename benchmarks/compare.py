@@ -64,7 +64,8 @@ TOOLS = {
         }},
     "auto-round": {
         "pip": ["auto-round"], "dists": ["auto-round", "transformers"],
-        "settings": {"w4g128": {"bits": 4, "group_size": 128}, "w4g128-iters2": {"bits": 4, "group_size": 128, "iters": 2}}},
+        "settings": {"w4g128": {"bits": 4, "group_size": 128},
+                     "w4g128-iters2": {"bits": 4, "group_size": 128, "iters": 2}}},  # a quick harness check
     "gptqmodel": {
         "pip": ["gptqmodel"], "pip_args": ["--no-build-isolation"], "dists": ["gptqmodel", "transformers"],
         "env": {"BUILD_CUDA_EXT": "0", "GPTQMODEL_BUILD_CUDA_EXT": "0", "CUDA_VISIBLE_DEVICES": ""},
@@ -73,6 +74,18 @@ TOOLS = {
         "pip": ["hqq"], "dists": ["hqq", "transformers"],
         "settings": {"w4g64": {"bits": 4, "group_size": 64}, "w4g128": {"bits": 4, "group_size": 128},
                      "w3g64": {"bits": 3, "group_size": 64}}},
+}
+#: printed under the table for every tool with rows
+TOOL_NOTES = {
+    "llmcompressor": "group 128 does not run on the 576-wide layers (refused at initialisation; with "
+                     "`bypass_divisibility_checks=True` the GPTQ step fails in its observer), so its rows use "
+                     "group 64; "
+                     "it stores scales in the model's dtype (fp32 here), hence 4.50 / 3.50 bits per weight.",
+    "onecomp-orig": "the original authors' release (PyPI onecomp 1.4.0), its GPTQ defaults: symmetric, no act-order, "
+                    "damp 0.01; its default (non-QEP) GPTQ calibrates every layer on the fp model's activations in one "
+                    "forward pass (no propagation of quantized outputs); g_idx is stored (int32 per input column).",
+    "hqq": "calibration-free; groups run over the flattened matrix, so at group 128 a group can span two rows of a "
+           "576-wide layer.",
 }
 #: our settings (benchmarks/quality.py SETTINGS) compared with the peers
 OURS = ["gptq-w4g128", "gptq-w3g128", "gptq+qep-w4g128", "gptq+qep-w3g128"]
@@ -213,6 +226,7 @@ JSON = RESULTS / "compare.json"
 FULL = {"samples": 128, "windows": 40}
 FP_REFERENCE = {"kjv-gospels": 15.02, "pydoc-topics": 14.01}  # BENCHMARK.md, fp32
 FAMILIES = {"gptq": "GPTQ", "gptq+qep": "GPTQ+QEP"}
+LABELS = {**FAMILIES, "rtn-like": "(calibration-free)", "signround": "SignRound"}
 
 
 def load_results(path: Path = JSON) -> dict:
@@ -344,8 +358,7 @@ def table(data: dict) -> str:
                          f"{x['ppl'][TEXTS[0]]:.3f} | {x['ppl'][TEXTS[1]]:.3f} | {fmt(x['time'])} | "
                          f"{fmt(x['memory'])} |")
     notes = [f"- {k}: {data[k]['note']}" for k in sorted(data) if data[k].get("note")]
-    fails = load_results(RESULTS / "compare.json").get("_unavailable", {}) if False else {}
-    del fails
+    notes += [f"- {tool}: {text}" for tool, text in TOOL_NOTES.items() if any(r["tool"] == tool for r in data.values())]
     if notes:
         lines += ["", "## Notes", "", *notes]
     return "\n".join(lines) + "\n"
@@ -376,7 +389,7 @@ def plot(data: dict, path: Path) -> None:
             continue
         if not bpw(r) or not r.get("ppl"):
             continue
-        label = f"{r['tool']} {FAMILIES.get(family(r), family(r))}"
+        label = f"{r['tool']} {LABELS.get(family(r), family(r))}"
         if r["tool"] == "onecomp-orig" and "actorder" in r["setting"]:
             label += " act-order asym"
         series.setdefault(label, []).append(r)
@@ -487,8 +500,14 @@ def main():
 
     jobs = []
     for tool in tools:
-        settings = {s: {"fp32": True} for s in ["fp32"]} if args.fp else (
-            {s: {} for s in OURS} if tool == "ours" else TOOLS[tool]["settings"])
+        if args.fp:
+            settings = {"fp32": {"fp32": True}}
+        elif tool == "ours":  # OURS by default; any benchmarks/quality.py setting when named in --settings
+            from quality import SETTINGS as QUALITY_SETTINGS
+
+            settings = {s: {} for s in (OURS + sorted(wanted & set(QUALITY_SETTINGS) - set(OURS)))}
+        else:
+            settings = TOOLS[tool]["settings"]
         for name, params in settings.items():
             if wanted and name not in wanted:
                 continue

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
 from peer_common import Run, dequantize_gptq_into, load_fp32, parse_args, stored_bits  # noqa: E402
 
 

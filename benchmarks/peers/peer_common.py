@@ -95,7 +95,8 @@ def perplexity(model, windows: torch.Tensor) -> float:
     device = next(model.parameters()).device
     losses = []
     for i, w in enumerate(windows):
-        losses.append(model(input_ids=w[None].to(device), labels=w[None].to(device), use_cache=False).loss.float().item())
+        ids = w[None].to(device)
+        losses.append(model(input_ids=ids, labels=ids, use_cache=False).loss.float().item())
         if (i + 1) % 10 == 0:
             print(f"ppl: {i + 1}/{len(windows)} windows", file=sys.stderr, flush=True)
     return math.exp(sum(losses) / len(losses))
