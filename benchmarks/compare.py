@@ -299,7 +299,8 @@ def ratios(data: dict) -> list[dict]:
             mine = min(cands, key=lambda r: abs(bpw(r) - bpw(peer)))
             if abs(bpw(mine) - bpw(peer)) > 0.5:
                 continue
-            out.append({"peer": key, "ours": f"ours/{mine['setting']}", "bpw": (bpw(mine), bpw(peer)),
+            out.append({"peer": key, "ours": f"ours/{mine['setting']}" + (" ¹" if mine.get("source") else ""),
+                        "bpw": (bpw(mine), bpw(peer)),
                         "ppl": {t: mine["ppl"][t] / peer["ppl"][t] for t in TEXTS},
                         "time": mine["quant_seconds"] / peer["quant_seconds"] if peer.get("quant_seconds") else None,
                         "memory": mine["peak_rss_mb"] / peer["peak_rss_mb"] if peer.get("peak_rss_mb") else None})
@@ -350,7 +351,9 @@ def table(data: dict) -> str:
     if rs:
         lines += ["", "## Ratios ours / peer", "",
                   "Our row of the same family at the nearest bits per weight (and our GPTQ+QEP beside a peer's "
-                  "GPTQ). Below 1 is better for us.", "",
+                  "GPTQ). Below 1 is better for us. ¹ our row reused from quality.json: its time and memory were "
+                  "measured in another session (memory: the stage's sampled peak, not the process's ru_maxrss), "
+                  "so only the ppl ratios are like for like.", "",
                   "| ours | peer | bpw ours / peer | ppl gospels | ppl pydoc | quant time | peak RSS |",
                   "|---|---|---|---|---|---|---|"]
         for x in rs:
