@@ -101,6 +101,25 @@ class _Trainer:
         for reg in self.regularizers:
             reg.finish(select(self.by_kind, reg.targets))
 
+    def fit(self, loss, n_batches: int, epochs: int, objective, seed: int, on_epoch) -> dict:
+        """Epochs of shuffled steps on ``loss(i)``; ``objective()`` before and after every epoch;
+        the best state seen, the start included, is restored before the regularizers finish."""
+        start = objective()
+        best, best_epoch, best_state = start, 0, self.snapshot()
+        history = []
+        gen = torch.Generator().manual_seed(seed)
+        for epoch in range(1, epochs + 1):
+            for i in torch.randperm(n_batches, generator=gen).tolist():
+                self.step(loss(i))
+            value = objective()
+            history.append(value)
+            if value < best:
+                best, best_epoch, best_state = value, epoch, self.snapshot()
+            on_epoch(epoch, start, value, best)
+        self.restore(best_state)
+        self.finish()
+        return {"loss_before": start, "loss_after": best, "best_epoch": best_epoch, "epochs": history}
+
 
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
@@ -185,28 +204,20 @@ class Blockwise(Refiner):
         if not opened:
             return {"block": b, "loss_before": 0.0, "loss_after": 0.0, "best_epoch": 0, "epochs": [], "seconds": 0.0}
         trainer = _Trainer(opened, prefix, cfg, ctx.regularizers)
-        start = objective()
-        best, best_epoch, best_state = start, 0, trainer.snapshot()
-        history = []
-        gen = torch.Generator().manual_seed(ctx.seed + b)
         train_in, train_target = _chunks(q_in, cfg.batch_size), _chunks(target, cfg.batch_size)
         n_batches = len(train_in.hidden)
-        for epoch in range(1, cfg.epochs + 1):
-            for i in torch.randperm(n_batches, generator=gen).tolist():
-                out = run_block(block, train_in.hidden[i], train_in.kwargs[i])
-                loss = (out - train_target.hidden[i]).square().sum() / scale * n_batches
-                trainer.step(loss)
-            value = objective()
-            history.append(value)
-            if value < best:
-                best, best_epoch, best_state = value, epoch, trainer.snapshot()
+
+        def loss(i):
+            out = run_block(block, train_in.hidden[i], train_in.kwargs[i])
+            return (out - train_target.hidden[i]).square().sum() / scale * n_batches
+
+        def on_epoch(epoch, start, value, best):
             bar.set_postfix_str(f"block {b} loss {start:.3e} → {best:.3e}")
             bar.update(1)
-        trainer.restore(best_state)
-        trainer.finish()
+
+        row = trainer.fit(loss, n_batches, cfg.epochs, objective, ctx.seed + b, on_epoch)
         close(block, opened)
-        return {"block": b, "loss_before": start, "loss_after": best, "best_epoch": best_epoch,
-                "epochs": history, "seconds": time.perf_counter() - t0}
+        return {"block": b, **row, "seconds": time.perf_counter() - t0}
 
 
 class Global(Refiner):
@@ -236,26 +247,19 @@ class Global(Refiner):
 
         opened = open_for_training(model, cfg.discrete)
         trainer = _Trainer(opened, "", cfg, ctx.regularizers)
-        start = objective()
-        best, best_epoch, best_state = start, 0, trainer.snapshot()
-        history = []
-        gen = torch.Generator().manual_seed(ctx.seed)
         bar = tqdm(total=cfg.epochs * len(batches), desc="global", unit="batch", disable=not ctx.progress)
-        for epoch in range(1, cfg.epochs + 1):
-            for i in torch.randperm(len(batches), generator=gen).tolist():
-                trainer.step(kl(batches[i]))
-                bar.update(1)
-            value = objective()
-            history.append(value)
-            if value < best:
-                best, best_epoch, best_state = value, epoch, trainer.snapshot()
+
+        def loss(i):
+            bar.update(1)
+            return kl(batches[i])
+
+        def on_epoch(epoch, start, value, best):
             bar.set_postfix_str(f"epoch {epoch} KL {start:.4f} → {value:.4f} (best {best:.4f})")
+
+        row = trainer.fit(loss, len(batches), cfg.epochs, objective, ctx.seed, on_epoch)
         bar.close()
-        trainer.restore(best_state)
-        trainer.finish()
         close(model, opened)
-        return {"objective": "mean token KL(fp ‖ quantized)", "loss_before": start, "loss_after": best,
-                "best_epoch": best_epoch, "epochs": history, "seconds": time.perf_counter() - t0,
+        return {"objective": "mean token KL(fp ‖ quantized)", **row, "seconds": time.perf_counter() - t0,
                 "regularizers": _reg_reports(ctx.regularizers)}
 
 
