@@ -77,16 +77,12 @@ SETTINGS = {
     # defaults (all 128 windows, 10 and 5 epochs) take hours, so these use a calibration subset.
     "gptq-w3g128+blockwise+global": {"quantizer": q("gptq", bits=3, group_size=128),
                                      "refiners": [BLOCKWISE, GLOBAL]},
-    "dbf-1.5+blockwise": {"quantizer": q("mdbf", target_bpw=1.5, envelope_rank=1, terms=1),
-                          "refiners": [BLOCKWISE]},
-    "mdbf-l2-1.5+blockwise": {"quantizer": q("mdbf", target_bpw=1.5, envelope_rank=2, terms=1),
-                              "refiners": [BLOCKWISE]},
-    "mdbf-l2-1.5+blockwise+signlock": {"quantizer": q("mdbf", target_bpw=1.5, envelope_rank=2, terms=1),
-                                       "refiners": [{**BLOCKWISE, "regularizers": [{"name": "signlock"}]}]},
-    "mdbf-l2-2.0+blockwise": {"quantizer": q("mdbf", target_bpw=2.0, envelope_rank=2, terms=1),
-                              "refiners": [BLOCKWISE]},
-    "mdbf-l2-2.0+blockwise+signlock": {"quantizer": q("mdbf", target_bpw=2.0, envelope_rank=2, terms=1),
-                                       "refiners": [{**BLOCKWISE, "regularizers": [{"name": "signlock"}]}]},
+    # binary rows refine DBF (mdbf with l = 1, P = 1: the better layer-wise pivot here, see the mdbf
+    # rows); "+blockwise" runs signlock with strength 0 as a pure observer, so both rows report flips
+    **{f"dbf-{b}+blockwise{tag}": {"quantizer": q("mdbf", target_bpw=float(b), envelope_rank=1, terms=1),
+                                  "refiners": [{**BLOCKWISE, "regularizers": [reg]}]}
+       for b in ("1.5", "2.0")
+       for tag, reg in (("", {"name": "signlock", "strength": 0.0}), ("+signlock", {"name": "signlock"}))},
 }
 
 
@@ -101,15 +97,28 @@ def run_setting(key: str, output: str | None = None) -> dict:
                   "plan": {"planner": "uniform", "quantizer": setting["quantizer"]},
                   "refiners": setting.get("refiners", []), "output": {"dir": output or str(Path(tmp) / key)}}
         result = onecomp.run(config, progress=True)
+        details = [_stage_summary(Path(config["output"]["dir"]), i, s["name"])
+                   for i, s in enumerate(result["stages"], start=1)]
     stages = result["stages"]
     row = {"setting": key, "config": {k: v for k, v in config.items() if k in ("plan", "refiners", "calibration")},
            "ppl": stages[0]["ppl"], "bits_per_weight": stages[0]["bits"]["bits_per_weight"],
            "quant_seconds": stages[0]["seconds"], "peak_rss_mb": stages[0]["peak_rss_mb"], "env": environment()}
     if len(stages) > 1:  # later stages: ppl, bits, time and memory of each, in order
         row["stages"] = [{"name": s["name"], "ppl": s["ppl"], "bits_per_weight": s["bits"]["bits_per_weight"],
-                          "seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"]} for s in stages]
+                          "seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], **d}
+                         for s, d in zip(stages, details)]
     record("quality", key, row)
     return row
+
+
+def _stage_summary(out: Path, index: int, name: str) -> dict:
+    """A training stage's objective before/after and its regularizers' reports (e.g. sign flip rates)."""
+    path = out / "reports" / f"{index:02d}-{name}.json"
+    details = json.loads(path.read_text()).get("details", {}) if path.exists() else {}
+    keep = {k: details[k] for k in ("objective", "loss_before", "loss_after") if k in details}
+    if details.get("regularizers"):
+        keep["regularizers"] = details["regularizers"]
+    return keep
 
 
 def table() -> str:
