@@ -24,8 +24,11 @@ def q(name, **kw):
     return {"name": name, **kw}
 
 
-BLOCKWISE = {"name": "blockwise", "samples": 32, "epochs": 2, "lr": 1e-2, "lr_discrete": 1e-2}
-GLOBAL = {"name": "global", "samples": 16, "epochs": 1, "lr": 1e-3, "lr_discrete": 1e-3}
+# tuned on the first 4 blocks of the gptq 3-bit pivot (32 windows): scales alone reach 0.81–0.90 of
+# the starting block loss in 4 epochs at lr 3e-3; codes moving within one step of GPTQ's at
+# lr_discrete 0.02 reach 0.69–0.83; 0.05 overshoots (up to 29× worse after the first epoch)
+BLOCKWISE = {"name": "blockwise", "samples": 32, "epochs": 4, "lr": 5e-3, "lr_discrete": 2e-2}
+GLOBAL = {"name": "global", "samples": 32, "epochs": 1, "lr": 1e-3, "lr_discrete": 5e-3}
 
 SETTINGS = {
     # round to nearest (no calibration data)

@@ -181,7 +181,7 @@ def registry():
 
 def test_refiners_train_any_format_and_call_the_regularizers(tiny_model_dir, tmp_path, registry):
     out = tmp_path / "run"
-    refiner = {"name": "blockwise", "epochs": 2, "lr": 1e-2, "lr_discrete": 0.1, "batch_size": 1,
+    refiner = {"name": "blockwise", "epochs": 3, "lr": 1e-2, "lr_discrete": 0.15, "batch_size": 1,
                "regularizers": [{"name": "test-recorder"}]}
     onecomp.run(config(tiny_model_dir, out, [refiner], {"name": "test-rowrtn"}), registry=registry, progress=False)
     details = json.loads((out / "reports" / "02-blockwise.json").read_text())["details"]
@@ -195,7 +195,7 @@ def test_refiners_train_any_format_and_call_the_regularizers(tiny_model_dir, tmp
     assert all(".layers.0." in k for k in inits[0]) and all(".layers.1." in k for k in inits[1])
     assert len(inits[0]) == 7
     steps = sum(1 for c in calls if c[0] == "step")
-    assert steps == sum(1 for c in calls if c[0] == "penalty") == 2 * 2 * 4  # blocks × epochs × windows
+    assert steps == sum(1 for c in calls if c[0] == "penalty") == 2 * 3 * 4  # blocks × epochs × windows
     assert [c[1] for c in calls if c[0] == "finish"] == inits
     assert Recorder.marker.grad == steps  # every penalty was part of the loss that was backpropagated
     assert details["regularizers"] == {"test-recorder": {"calls": len(calls)}}
@@ -250,4 +250,48 @@ def test_appending_a_refiner_runs_only_the_new_stage(tiny_model_dir, tmp_path, m
     # changing anything else, or inserting a layer-scope refiner, is still a different run
     with pytest.raises(onecomp.OneCompError, match="different config"):
         onecomp.run(config(tiny_model_dir, out, [{"name": "qep"}, {"name": "blockwise", "epochs": 1}]),
+                    progress=False)
+
+
+class _Codes:
+    """Stands in for an opened layer: one integer latent field."""
+
+    def __init__(self, start):
+        self.codes = torch.nn.Parameter(start.clone())
+
+    def named_by_kind(self, prefix):
+        return {"continuous": {}, "sign": {}, "integer": {f"{prefix}.codes": self.codes}}
+
+
+def _fit_pushing_codes_up(**overrides):
+    from onecomp.builtin.refiners import BlockwiseConfig, _Trainer
+
+    start = torch.tensor([0.0, 3.0, 5.0])
+    layer = _Codes(start)
+    cfg = BlockwiseConfig(**{"lr_discrete": 0.5, "epochs": 3, **overrides})
+    trainer = _Trainer({"l": layer}, "", cfg, [])
+    rates = []
+
+    def loss(i):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        return -layer.codes.sum()
+
+    # an objective that keeps falling, so the last state is the kept one
+    trainer.fit(loss, 4, cfg.epochs, lambda: float(-layer.codes.detach().sum()), 0, lambda *a: None)
+    return start, layer.codes.detach(), rates
+
+
+def test_integer_latents_stay_within_code_steps_and_the_step_decays():
+    start, end, rates = _fit_pushing_codes_up()
+    assert torch.equal(end.round() - start, torch.ones(3))  # every code moved up exactly one step
+    assert rates[0] == 0.5 and rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.5 / 12)
+    start, far, _ = _fit_pushing_codes_up(code_steps=0, schedule="constant")
+    assert (far.round() - start).min() >= 4  # unbounded, constant step: 12 steps of 0.5 codes
+    start, two, _ = _fit_pushing_codes_up(code_steps=2)
+    assert torch.equal(two.round() - start, torch.full((3,), 2.0))
+
+
+def test_schedule_is_validated(tiny_model_dir, tmp_path):
+    with pytest.raises(onecomp.ConfigError, match=r"refiners\[0\]\.schedule"):
+        onecomp.run(config(tiny_model_dir, tmp_path / "x", [{"name": "blockwise", "schedule": "cosine"}]),
                     progress=False)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..calibration import BlockInputs, first_block_inputs, propagate, run_block
 from ..checkpoint import BlockStore, quantized_modules
 from ..components import Refiner
-from ..config import in_range
+from ..config import in_range, one_of
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from ..training import close, open_for_training, params_by_kind, select
@@ -36,8 +36,12 @@ class TrainConfig:
     epochs: int = attrs.field(default=10, validator=in_range(1, 10_000))
     #: train the format's discrete fields (codes, signs) through a straight-through estimator
     discrete: bool = True
-    #: step size of discrete latents, relative to their RMS (continuous fields use ``lr``)
+    #: step of discrete latents: integer codes in code units, signs relative to the latent's RMS
     lr_discrete: float = attrs.field(default=1e-3, validator=in_range(0, 1))
+    #: how many codes an integer field may move from its starting value (0: no limit)
+    code_steps: int = attrs.field(default=1, validator=in_range(0, 1 << 30))
+    #: step size over the stage: "linear" decays to 0 at the last step, "constant" keeps it
+    schedule: str = attrs.field(default="linear", validator=one_of("linear", "constant"))
     #: use only the first N calibration windows (0: all)
     samples: int = attrs.field(default=0, validator=_samples)
     #: calibration windows per optimizer step
@@ -56,21 +60,30 @@ class GlobalConfig(TrainConfig):
 
 
 class _Trainer:
-    """Adam over the opened layers, one param group per tensor with ``lr × RMS(tensor)``
-    (so a step moves every tensor by about the same fraction), plus the regularizers."""
+    """Adam over the opened layers, one param group per tensor: float fields and sign latents step
+    by ``lr × RMS(tensor)`` (every tensor moves by about the same fraction of its size), integer
+    latents by ``lr_discrete`` codes and stay within ``code_steps`` codes of their start (AutoRound's
+    search space: Adam moves all latents at one rate, so unbounded codes flip together and jump)."""
 
     def __init__(self, opened: dict, prefix: str, cfg: TrainConfig, regularizers: list):
         self.by_kind = params_by_kind(opened, prefix)
         self.regularizers = regularizers
+        self.schedule = cfg.schedule
         for reg in regularizers:  # first: init may move the tensors (gap initialisation)
             reg.init(select(self.by_kind, reg.targets))
-        groups = []
+        groups, self.bounds = [], []
         for kind, params in self.by_kind.items():
-            rate = cfg.lr if kind == "continuous" else cfg.lr_discrete
             for p in params.values():
-                rms = float(p.detach().square().mean().sqrt()) if p.numel() else 0.0
-                if rate > 0 and rms > 0:
-                    groups.append({"params": [p], "lr": rate * rms})
+                if kind == "integer":
+                    rate = cfg.lr_discrete
+                    if cfg.code_steps:  # latents round to at most code_steps codes away
+                        radius = cfg.code_steps + 0.49
+                        self.bounds.append((p, p.detach() - radius, p.detach() + radius))
+                else:
+                    rms = float(p.detach().square().mean().sqrt()) if p.numel() else 0.0
+                    rate = (cfg.lr if kind == "continuous" else cfg.lr_discrete) * rms
+                if rate > 0:
+                    groups.append({"params": [p], "lr": rate})
         self.params = [p for d in self.by_kind.values() for p in d.values()]
         self.optimizer = torch.optim.Adam(groups) if groups else None
 
@@ -86,6 +99,9 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         (loss + self.penalty()).backward()
         self.optimizer.step()
+        with torch.no_grad():
+            for p, lo, hi in self.bounds:
+                torch.clamp(p, lo, hi, out=p)
         for reg in self.regularizers:
             reg.step(select(self.by_kind, reg.targets))
 
@@ -108,9 +124,15 @@ class _Trainer:
         best, best_epoch, best_state = start, 0, self.snapshot()
         history = []
         gen = torch.Generator().manual_seed(seed)
+        total, done = epochs * n_batches, 0
+        base = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
         for epoch in range(1, epochs + 1):
             for i in torch.randperm(n_batches, generator=gen).tolist():
+                if self.schedule == "linear":  # the step size falls to 0 at the last step
+                    for g, lr in zip(self.optimizer.param_groups if self.optimizer else [], base):
+                        g["lr"] = lr * (1 - done / total)
                 self.step(loss(i))
+                done += 1
             value = objective()
             history.append(value)
             if value < best:
