@@ -15,19 +15,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_common import Run, dequantize_gptq_into, load_fp32, parse_args, stored_bits  # noqa: E402
+from peer_common import dequantize_gptq_into, load_fp32, start, stored_bits  # noqa: E402
 
 
 def main():
-    args = parse_args(__doc__)
-    run = Run("auto-round", args, ["auto-round"])
-    calib, evals = run.inputs()
-    s = args.setting
-    model = run.fp_model()
-    if s.get("fp32"):
-        run.evaluate(model, evals)
-        run.finish()
+    started = start("auto-round", __doc__, ["auto-round"])
+    if started is None:
         return
+    run, calib, evals = started
+    args, s = run.args, run.args.setting
+    model = run.fp_model()
     from auto_round import AutoRound
     from transformers import AutoTokenizer
 

@@ -15,18 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from peer_common import Run, dequantize_gptq_into, load_fp32, parse_args, stored_bits  # noqa: E402
+from peer_common import dequantize_gptq_into, load_fp32, start, stored_bits  # noqa: E402
 
 
 def main():
-    args = parse_args(__doc__)
-    run = Run("gptqmodel", args, ["gptqmodel"])
-    calib, evals = run.inputs()
-    s = args.setting
-    if s.get("fp32"):
-        run.evaluate(run.fp_model(), evals)
-        run.finish()
+    started = start("gptqmodel", __doc__, ["gptqmodel"])
+    if started is None:
         return
+    run, calib, evals = started
+    args, s = run.args, run.args.setting
     from gptqmodel import GPTQModel, QuantizeConfig
 
     qcfg = QuantizeConfig(bits=s["bits"], group_size=s["group_size"])

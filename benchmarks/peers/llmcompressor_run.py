@@ -17,19 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from peer_common import Run, parse_args, stored_bits  # noqa: E402
+from peer_common import start, stored_bits  # noqa: E402
 
 
 def main():
-    args = parse_args(__doc__)
-    run = Run("llmcompressor", args, ["llmcompressor", "compressed-tensors"])
-    calib, evals = run.inputs()
-    s = args.setting
-    model = run.fp_model()
-    if s.get("fp32"):
-        run.evaluate(model, evals)
-        run.finish()
+    started = start("llmcompressor", __doc__, ["llmcompressor", "compressed-tensors"])
+    if started is None:
         return
+    run, calib, evals = started
+    args, s = run.args, run.args.setting
+    model = run.fp_model()
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from torch.utils.data import DataLoader

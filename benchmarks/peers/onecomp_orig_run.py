@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from peer_common import Run, parse_args, stored_bits  # noqa: E402
+from peer_common import start, stored_bits  # noqa: E402
 
 #: modules of the release that call prepare_calibration_dataset under their own name
 LOADER_USERS = ["onecomp.runner", "onecomp.qep._quantize_with_qep", "onecomp.qep._quantize_with_qep_arch",
@@ -36,14 +36,11 @@ def use_our_windows(calib: torch.Tensor) -> None:
 
 
 def main():
-    args = parse_args(__doc__)
-    run = Run("onecomp-orig", args, ["onecomp"])
-    calib, evals = run.inputs()
-    s = args.setting
-    if s.get("fp32"):
-        run.evaluate(run.fp_model(), evals)
-        run.finish()
+    started = start("onecomp-orig", __doc__, ["onecomp"])
+    if started is None:
         return
+    run, calib, evals = started
+    args, s = run.args, run.args.setting
     import onecomp
     from onecomp import CalibrationConfig, ModelConfig, QEPConfig, Runner
     from onecomp.quantizer.gptq import GPTQ

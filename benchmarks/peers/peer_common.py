@@ -79,6 +79,19 @@ class Run:
         self.row["python"] = sys.version.split()[0]
         print("RESULT " + json.dumps(self.row), flush=True)
 
+def start(tool: str, description: str, dists: list[str]):
+    """Arguments, threads and inputs of a runner; an fp32 check is evaluated and reported here.
+
+    Returns ``(run, calib, evals)`` for a quantization setting, ``None`` when the fp32 check is done."""
+    run = Run(tool, parse_args(description), dists)
+    calib, evals = run.inputs()
+    if run.args.setting.get("fp32"):
+        run.evaluate(run.fp_model(), evals)
+        run.finish()
+        return None
+    return run, calib, evals
+
+
 
 def load_fp32(model_dir: str):
     from transformers import AutoModelForCausalLM
