@@ -38,3 +38,10 @@ def fmt(x, digits=2):
     if isinstance(x, float):
         return f"{x:.3g}" if abs(x) >= 1e4 else f"{x:.{digits}f}"
     return str(x)
+
+
+def flips(stage: dict) -> str:
+    """', sign flips x%' for a stage whose signlock regularizer reported a flip rate."""
+    report = (stage.get("regularizers") or {}).get("signlock")
+    return f", sign flips {100 * report['flip_rate']:.2f}%" if report and "flip_rate" in report else ""
+

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROTOCOL, RESULTS, TEXTS, environment, fmt, record  # noqa: E402
+from common import PROTOCOL, RESULTS, TEXTS, environment, flips, fmt, record  # noqa: E402
 
 
 def q(name, **kw):
@@ -80,10 +80,12 @@ SETTINGS = {
     # defaults (all 128 windows, 10 and 5 epochs) take hours, so these use a calibration subset.
     "gptq-w3g128+blockwise+global": {"quantizer": q("gptq", bits=3, group_size=128),
                                      "refiners": [BLOCKWISE, GLOBAL]},
-    # binary rows refine DBF (mdbf with l = 1, P = 1: the better layer-wise pivot here, see the mdbf
-    # rows); "+blockwise" runs signlock with strength 0 as a pure observer, so both rows report flips
-    **{f"dbf-{b}+blockwise{tag}": {"quantizer": q("mdbf", target_bpw=float(b), envelope_rank=1, terms=1),
-                                  "refiners": [{**BLOCKWISE, "regularizers": [reg]}]}
+    "mdbf-2.0": {"quantizer": q("mdbf", target_bpw=2.0)},
+    # binary rows refine MDBF with the plugin's defaults (two rank-1 terms: the lowest layer error
+    # at matched bits, plugin README); "+blockwise" runs signlock with strength 0 as a pure
+    # observer, so both rows report sign flips
+    **{f"mdbf-{b}+blockwise{tag}": {"quantizer": q("mdbf", target_bpw=float(b)),
+                                   "refiners": [{**BLOCKWISE, "regularizers": [reg]}]}
        for b in ("1.5", "2.0")
        for tag, reg in (("", {"name": "signlock", "strength": 0.0}), ("+signlock", {"name": "signlock"}))},
 }
@@ -140,7 +142,7 @@ def table() -> str:
         stages = r.get("stages") or [{"name": "layerwise", "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
                                       "seconds": r["quant_seconds"], "peak_rss_mb": r["peak_rss_mb"]}]
         for i, s in enumerate(stages):
-            label = key if len(stages) == 1 else f"{key} → stage {i + 1} {s['name']}"
+            label = key if len(stages) == 1 else f"{key} → stage {i + 1} {s['name']}{flips(s)}"
             lines.append(f"| {label} | {fmt(s['bits_per_weight'], 3)} | {fmt(s['ppl'][TEXTS[0]])} | "
                          f"{fmt(s['ppl'][TEXTS[1]])} | {fmt(s['seconds'], 0)} | {fmt(s['peak_rss_mb'], 0)} |")
     notes = [f"- {k}: {data[k]['note']}" for k in sorted(data) if data[k].get("note")]

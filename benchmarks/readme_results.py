@@ -8,15 +8,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, TEXTS, fmt  # noqa: E402
+from common import RESULTS, TEXTS, flips, fmt  # noqa: E402
 
 README = Path(__file__).parent.parent / "README.md"
 #: rows shown in the README, in order (everything else stays in results/quality.md)
 SHOWN = ["rtn-w4g128", "gptq-w4g128-shrink0", "gptq-w4g128-damp1", "gptq-w4g128-shrink0.5", "gptq-w4g128",
          "gptq+qep-w4g128", "rtn-w3g128", "gptq-w3g128", "gptq+qep-w3g128",
          "rtn-w3pc", "gptq-w3pc", "gptq+qep-w3pc", "rtn-w2g64", "gptq-w2g64", "gptq+qep-w2g64",
-         "gptq-w3g128+blockwise+global", "dbf-1.0", "dbf-1.5", "dbf-2.0", "mdbf-l2-1.5", "mdbf-l2-2.0",
-         "dbf-1.5+blockwise", "mdbf-l2-1.5+blockwise", "mdbf-l2-1.5+blockwise+signlock"]
+         "gptq-w3g128+blockwise+global", "dbf-1.0", "dbf-1.5", "dbf-2.0", "mdbf-l2-1.0", "mdbf-l2-1.5",
+         "mdbf-1.5", "mdbf-2.0", "mdbf-1.5+blockwise", "mdbf-1.5+blockwise+signlock", "mdbf-2.0+blockwise",
+         "mdbf-2.0+blockwise+signlock"]
 
 
 def section() -> str:
@@ -37,7 +38,7 @@ def section() -> str:
             stages = r.get("stages") or [{"name": "layerwise", "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
                                           "seconds": r["quant_seconds"]}]
             for i, st in enumerate(stages):
-                label = key if len(stages) == 1 else f"{key}: stage {i + 1} {st['name']}"
+                label = key if len(stages) == 1 else f"{key}: stage {i + 1} {st['name']}{flips(st)}"
                 lines.append(f"| {label} | {fmt(st['bits_per_weight'], 3)} | {fmt(st['ppl'][TEXTS[0]])} | "
                              f"{fmt(st['ppl'][TEXTS[1]])} | {fmt(st['seconds'], 0)} |")
     lines.append("")
