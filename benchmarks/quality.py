@@ -83,9 +83,12 @@ SETTINGS = {
     "mdbf-2.0": {"quantizer": q("mdbf", target_bpw=2.0)},
     # binary rows refine MDBF with the plugin's defaults (two rank-1 terms: the lowest layer error
     # at matched bits, plugin README); "+blockwise" runs signlock with strength 0 as a pure
-    # observer, so both rows report sign flips
+    # observer, so both rows report sign flips. Sign latents start at ±1: steps of 0.05 never flip
+    # one in 2 epochs; at 0.1 unchecked flips raised the first blocks' loss 6–79× (tuned on the
+    # first 3 blocks of the mdbf-1.5 pivot), which is what signlock is meant to prevent
     **{f"mdbf-{b}+blockwise{tag}": {"quantizer": q("mdbf", target_bpw=float(b)),
-                                   "refiners": [{**BLOCKWISE, "regularizers": [reg]}]}
+                                   "refiners": [{**BLOCKWISE, "epochs": 2, "lr_discrete": 0.1,
+                                                 "regularizers": [reg]}]}
        for b in ("1.5", "2.0")
        for tag, reg in (("", {"name": "signlock", "strength": 0.0}), ("+signlock", {"name": "signlock"}))},
 }
