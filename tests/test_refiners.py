@@ -242,11 +242,19 @@ def test_appending_a_refiner_runs_only_the_new_stage(tiny_model_dir, tmp_path, m
     pivot = (out / "01-layerwise" / "onecomp.json").stat().st_mtime_ns
     import importlib
 
+    import shutil
+
+    copy = tmp_path / "copy"  # a copied pivot is a branch point: extending it works the same
+    shutil.copytree(out, copy)
     monkeypatch.setattr(importlib.import_module("onecomp.pipeline.run"), "run_layerwise", lambda ctx: pytest.fail("the layer-wise stage ran again"))
     result = onecomp.run(config(tiny_model_dir, out, [{"name": "blockwise", "epochs": 1}]), progress=False)
     assert [s["name"] for s in result["stages"]] == ["layerwise", "blockwise"]
     assert (out / "01-layerwise" / "onecomp.json").stat().st_mtime_ns == pivot
     assert (out / "02-blockwise" / "onecomp.json").exists()
+    branch = onecomp.run(config(tiny_model_dir, copy, [{"name": "blockwise", "epochs": 1, "lr": 1e-2}]),
+                         progress=False)
+    assert [s["name"] for s in branch["stages"]] == ["layerwise", "blockwise"]
+    assert json.loads((copy / "run.json").read_text())["config"]["output"]["dir"] == str(copy)
     # changing anything else, or inserting a layer-scope refiner, is still a different run
     with pytest.raises(onecomp.OneCompError, match="different config"):
         onecomp.run(config(tiny_model_dir, out, [{"name": "qep"}, {"name": "blockwise", "epochs": 1}]),

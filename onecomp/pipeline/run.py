@@ -60,10 +60,16 @@ def _stage_dir(out: Path, index: int, name: str) -> Path:
     return out / f"{index:02d}-{name}"
 
 
+def _same_run(old: dict, new: dict, ignore: tuple = ()) -> bool:
+    """Configs equal but for ``output`` (a run directory may be moved or copied) and ``ignore``."""
+    skip = ("output", *ignore)
+    return {k: v for k, v in old.items() if k not in skip} == {k: v for k, v in new.items() if k not in skip}
+
+
 def _extends(old: dict, new: dict, registry) -> bool:
     """True when ``new`` equals ``old`` except for block/model refiners appended after old's:
     the finished stages are then still valid and the run can go on with more stages."""
-    if {k: v for k, v in old.items() if k != "refiners"} != {k: v for k, v in new.items() if k != "refiners"}:
+    if not _same_run(old, new, ("refiners",)):
         return False
 
     def split(config):
@@ -83,10 +89,11 @@ def _prepare_out(out: Path, config: dict, resume: bool, force: bool, registry) -
         state = json.loads(state_path.read_text())
         if force:
             shutil.rmtree(out)
-        elif state.get("config") == config or resume:
-            if state.get("config") != config:
+        elif _same_run(state.get("config", {}), config) or resume:
+            if not _same_run(state.get("config", {}), config):
                 raise RunError(f"{out} holds a run with a different config; use another output.dir or --force")
             log.info("resuming the run in %s", out)
+            state["config"] = config  # the directory may have been moved or copied
             return state
         elif _extends(state.get("config", {}), config, registry):
             log.info("extending the run in %s with more stages", out)
