@@ -78,8 +78,11 @@ SETTINGS = {
     "mdbf-1.5": {"quantizer": q("mdbf", target_bpw=1.5)},
     # training refiners after the pivot (issue 7): every stage is a row. On 2 CPU cores the spec's
     # defaults (all 128 windows, 10 and 5 epochs) take hours, so these use a calibration subset.
+    # recorded before blockwise normalized per token (the row's objective is relative to ‖Y‖²)
     "gptq-w3g128+blockwise+global": {"quantizer": q("gptq", bits=3, group_size=128),
-                                     "refiners": [BLOCKWISE, GLOBAL]},
+                                     "refiners": [{**BLOCKWISE, "normalize": "block"}, GLOBAL]},
+    "gptq-w3g128+blockwise-token+global": {"quantizer": q("gptq", bits=3, group_size=128),
+                                           "refiners": [BLOCKWISE, GLOBAL]},
     "mdbf-2.0": {"quantizer": q("mdbf", target_bpw=2.0)},
     # binary rows refine MDBF with the plugin's defaults (two rank-1 terms: the lowest layer error
     # at matched bits, plugin README); "+blockwise" runs signlock with strength 0 as a pure

@@ -230,7 +230,8 @@ def test_blockwise_resumes_after_a_crash(tiny_model_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"lr": -1}, "lr"), ({"epochs": 0}, "epochs"), ({"samples": -1}, "samples"), ({"batch_size": 0}, "batch_size")])
+    ({"lr": -1}, "lr"), ({"epochs": 0}, "epochs"), ({"samples": -1}, "samples"), ({"batch_size": 0}, "batch_size"),
+    ({"normalize": "l2"}, "normalize"), ({"code_steps": -1}, "code_steps")])
 def test_bad_training_config_names_the_field(tiny_model_dir, tmp_path, bad, message):
     with pytest.raises(onecomp.ConfigError, match=rf"refiners\[0\]\.{message}"):
         onecomp.run(config(tiny_model_dir, tmp_path / "x", [{"name": "blockwise", **bad}]), progress=False)
@@ -303,3 +304,34 @@ def test_schedule_is_validated(tiny_model_dir, tmp_path):
     with pytest.raises(onecomp.ConfigError, match=r"refiners\[0\]\.schedule"):
         onecomp.run(config(tiny_model_dir, tmp_path / "x", [{"name": "blockwise", "schedule": "cosine"}]),
                     progress=False)
+
+
+
+def test_block_objective_weights_tokens_as_configured():
+    """"block" weighs the squared error to give ‖Ŷ − Y‖²/‖Y‖²; "token" gives the mean of each token's
+    relative error, so one token with a 100× norm (an attention sink) dominates the first only."""
+    from onecomp.builtin.refiners import token_weights
+
+    Y = [torch.ones(2, 4, 8), torch.ones(1, 4, 8)]
+    Y[0][0, 0] *= 100  # the sink token
+    E = [torch.zeros_like(y) for y in Y]
+    for e in E:
+        e[..., 0] = 1.0  # every token off by 1 in one channel
+    E[0][0, 0, 0] = 50.0  # the sink's error is large in absolute terms, small relative to its norm
+    sq = torch.cat([y.square().sum(-1).flatten() for y in Y])
+    err = torch.cat([e.square().sum(-1).flatten() for e in E])
+
+    def objective(mode):
+        return sum(float((e.square().sum(-1) * w).sum()) for e, w in zip(E, token_weights(Y, mode)))
+
+    assert objective("block") == pytest.approx(float(err.sum() / sq.sum()), rel=1e-6)
+    assert objective("token") == pytest.approx(float((err / sq).mean()), rel=1e-6)
+    # ‖Ŷ − Y‖²/‖Y‖² is about the sink's own relative error (2500 / 80000) and hides the 12.5% of
+    # every other token; the per-token mean sees them
+    assert objective("block") == pytest.approx(2500 / 80000, rel=0.02)
+    assert objective("token") > 3 * objective("block")
+    # batches regrouped from the same windows (as training does) keep the weights of the whole
+    for mode in ("block", "token"):
+        chunks = [Y[0][:1], Y[0][1:], Y[1]]
+        flat = torch.cat([w.flatten() for w in token_weights(chunks, mode, like=Y)])
+        assert torch.allclose(flat, torch.cat([w.flatten() for w in token_weights(Y, mode)]))

@@ -54,6 +54,9 @@ class BlockwiseConfig(TrainConfig):
     # tuned on the GPTQ 3-bit pivot of the embedded model (docs/refiners.md, "Step sizes")
     lr: float = attrs.field(default=5e-3, validator=in_range(0, 1))
     lr_discrete: float = attrs.field(default=2e-2, validator=in_range(0, 1))
+    #: "token": every token's error relative to its own output norm, averaged, so the few
+    #: attention-sink tokens with ~100× norms do not drown the rest; "block": relative to ‖Y‖²
+    normalize: str = attrs.field(default="token", validator=one_of("token", "block"))
 
 
 @attrs.define
@@ -174,6 +177,21 @@ def _chunks(inputs: BlockInputs, size: int) -> BlockInputs:
     return BlockInputs(hidden, kwargs)
 
 
+def token_weights(targets: list, normalize: str, like: list | None = None) -> list:
+    """Weights ``w_t`` per token of each target batch, so the block objective is ``Σ_t w_t ‖ŷ_t − y_t‖²``:
+    "token" gives the mean of every token's relative error ``‖ŷ_t − y_t‖²/‖y_t‖²``, "block" gives
+    ``‖Ŷ − Y‖²/‖Y‖²``. Token count and ‖Y‖² come from ``like`` (default: ``targets``), so a
+    regrouping of the same windows into other batches keeps the weights of the whole."""
+    ref = [y.detach().float().square().sum(-1) for y in (like if like is not None else targets)]
+    n = sum(t.numel() for t in ref)
+    mean_sq = max(sum(float(t.sum()) for t in ref) / n, 1e-30)
+    out = []
+    for y in targets:
+        sq = y.detach().float().square().sum(-1)
+        out.append((1 / sq.clamp_min(1e-12) if normalize == "token" else torch.full_like(sq, 1 / mean_sq)) / n)
+    return out
+
+
 def _reg_reports(regularizers) -> dict:
     return {reg.name: reg.report() for reg in regularizers}
 
@@ -211,29 +229,34 @@ class Blockwise(Refiner):
         bar.close()
         before = sum(r["loss_before"] for r in rows)
         after = sum(r["loss_after"] for r in rows)
-        return {"objective": "relative block-output MSE, summed over blocks", "loss_before": before,
+        return {"objective": f"relative block-output MSE ({cfg.normalize}-normalized), summed over blocks",
+                "loss_before": before,
                 "loss_after": after, "blocks": rows, "regularizers": _reg_reports(ctx.regularizers)}
 
     def _train_block(self, b, block, q_in: BlockInputs, target: BlockInputs, ctx, bar, prefix) -> dict:
         cfg = self.config
         t0 = time.perf_counter()
-        scale = sum(float(y.square().sum()) for y in target.hidden)  # the loss is relative to ‖Y‖²
+        weights = token_weights(target.hidden, cfg.normalize)
+
+        def error(out, y, w) -> torch.Tensor:
+            return ((out - y).square().sum(-1) * w).sum()
 
         def objective() -> float:
             with torch.no_grad():
-                return sum(float((run_block(block, h, kw) - y).square().sum())
-                           for h, kw, y in zip(q_in.hidden, q_in.kwargs, target.hidden)) / scale
+                return sum(float(error(run_block(block, h, kw), y, w))
+                           for h, kw, y, w in zip(q_in.hidden, q_in.kwargs, target.hidden, weights))
 
         opened = open_for_training(block, cfg.discrete)
         if not opened:
             return {"block": b, "loss_before": 0.0, "loss_after": 0.0, "best_epoch": 0, "epochs": [], "seconds": 0.0}
         trainer = _Trainer(opened, prefix, cfg, ctx.regularizers)
         train_in, train_target = _chunks(q_in, cfg.batch_size), _chunks(target, cfg.batch_size)
+        train_weights = token_weights(train_target.hidden, cfg.normalize, like=target.hidden)
         n_batches = len(train_in.hidden)
 
         def loss(i):
             out = run_block(block, train_in.hidden[i], train_in.kwargs[i])
-            return (out - train_target.hidden[i]).square().sum() / scale * n_batches
+            return error(out, train_target.hidden[i], train_weights[i]) * n_batches
 
         def on_epoch(epoch, start, value, best):
             bar.set_postfix_str(f"block {b} loss {start:.3e} → {best:.3e}")
