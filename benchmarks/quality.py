@@ -94,6 +94,12 @@ SETTINGS = {
                                                  "regularizers": [reg]}]}
        for b in ("1.5", "2.0")
        for tag, reg in (("", {"name": "signlock", "strength": 0.0}), ("+signlock", {"name": "signlock"}))},
+    # the same before blockwise normalized per token: the sink tokens dominate the objective
+    **{f"mdbf-{b}+blockwise-blocknorm": {"quantizer": q("mdbf", target_bpw=float(b)),
+                                        "refiners": [{**BLOCKWISE, "epochs": 2, "lr_discrete": 0.1,
+                                                      "normalize": "block",
+                                                      "regularizers": [{"name": "signlock", "strength": 0.0}]}]}
+       for b in ("1.5", "2.0")},
 }
 
 
