@@ -94,6 +94,11 @@ SETTINGS = {
                                                  "regularizers": [reg]}]}
        for b in ("1.5", "2.0")
        for tag, reg in (("", {"name": "signlock", "strength": 0.0}), ("+signlock", {"name": "signlock"}))},
+    # envelopes (and scales) only: sign latents stay as fitted, per-token or block-relative objective
+    **{f"mdbf-{b}+blockwise-envelopes{tag}": {"quantizer": q("mdbf", target_bpw=float(b)),
+                                             "refiners": [{**BLOCKWISE, "epochs": 2, "discrete": False,
+                                                           "normalize": norm}]}
+       for b in ("1.5", "2.0") for tag, norm in (("", "token"), ("-blocknorm", "block"))},
     # the same before blockwise normalized per token: the sink tokens dominate the objective
     **{f"mdbf-{b}+blockwise-blocknorm": {"quantizer": q("mdbf", target_bpw=float(b)),
                                         "refiners": [{**BLOCKWISE, "epochs": 2, "lr_discrete": 0.1,
