@@ -17,7 +17,7 @@ SHOWN = ["rtn-w4g128", "gptq-w4g128-shrink0", "gptq-w4g128-damp1", "gptq-w4g128-
          "rtn-w3pc", "gptq-w3pc", "gptq+qep-w3pc", "rtn-w2g64", "gptq-w2g64", "gptq+qep-w2g64",
          "gptq-w3g128+blockwise+global", "dbf-1.0", "dbf-1.5", "dbf-2.0", "mdbf-l2-1.0", "mdbf-l2-1.5",
          "mdbf-1.5", "mdbf-2.0", "mdbf-1.5+blockwise", "mdbf-1.5+blockwise+signlock", "mdbf-2.0+blockwise",
-         "mdbf-2.0+blockwise+signlock"]
+         "mdbf-2.0+blockwise+signlock", "mdbf-2.0+blockwise-envelopes"]
 
 
 def section() -> str:
