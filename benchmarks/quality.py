@@ -78,11 +78,10 @@ SETTINGS = {
     "mdbf-1.5": {"quantizer": q("mdbf", target_bpw=1.5)},
     # training refiners after the pivot (issue 7): every stage is a row. On 2 CPU cores the spec's
     # defaults (all 128 windows, 10 and 5 epochs) take hours, so these use a calibration subset.
-    # recorded before blockwise normalized per token (the row's objective is relative to ‖Y‖²)
     "gptq-w3g128+blockwise+global": {"quantizer": q("gptq", bits=3, group_size=128),
                                      "refiners": [{**BLOCKWISE, "normalize": "block"}, GLOBAL]},
     "gptq-w3g128+blockwise-token+global": {"quantizer": q("gptq", bits=3, group_size=128),
-                                           "refiners": [BLOCKWISE, GLOBAL]},
+                                           "refiners": [{**BLOCKWISE, "normalize": "token"}, GLOBAL]},
     "mdbf-2.0": {"quantizer": q("mdbf", target_bpw=2.0)},
     # binary rows refine MDBF with the plugin's defaults (two rank-1 terms: the lowest layer error
     # at matched bits, plugin README); "+blockwise" runs signlock with strength 0 as a pure
@@ -91,7 +90,7 @@ SETTINGS = {
     # first 3 blocks of the mdbf-1.5 pivot), which is what signlock is meant to prevent
     **{f"mdbf-{b}+blockwise{tag}": {"quantizer": q("mdbf", target_bpw=float(b)),
                                    "refiners": [{**BLOCKWISE, "epochs": 2, "lr_discrete": 0.1,
-                                                 "regularizers": [reg]}]}
+                                                 "normalize": "token", "regularizers": [reg]}]}
        for b in ("1.5", "2.0")
        for tag, reg in (("", {"name": "signlock", "strength": 0.0}), ("+signlock", {"name": "signlock"}))},
     # envelopes (and scales) only: sign latents stay as fitted, per-token or block-relative objective
@@ -99,7 +98,7 @@ SETTINGS = {
                                              "refiners": [{**BLOCKWISE, "epochs": 2, "discrete": False,
                                                            "normalize": norm}]}
        for b in ("1.5", "2.0") for tag, norm in (("", "token"), ("-blocknorm", "block"))},
-    # the same before blockwise normalized per token: the sink tokens dominate the objective
+    # the same with the block-relative objective
     **{f"mdbf-{b}+blockwise-blocknorm": {"quantizer": q("mdbf", target_bpw=float(b)),
                                         "refiners": [{**BLOCKWISE, "epochs": 2, "lr_discrete": 0.1,
                                                       "normalize": "block",

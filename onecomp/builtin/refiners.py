@@ -54,9 +54,9 @@ class BlockwiseConfig(TrainConfig):
     # tuned on the GPTQ 3-bit pivot of the embedded model (docs/refiners.md, "Step sizes")
     lr: float = attrs.field(default=5e-3, validator=in_range(0, 1))
     lr_discrete: float = attrs.field(default=2e-2, validator=in_range(0, 1))
-    #: "token": every token's error relative to its own output norm, averaged, so the few
-    #: attention-sink tokens with ~100× norms do not drown the rest; "block": relative to ‖Y‖²
-    normalize: str = attrs.field(default="token", validator=one_of("token", "block"))
+    #: "block": ‖Ŷ − Y‖²/‖Y‖²; "token": the mean of every token's error relative to its own norm, so
+    #: the attention-sink tokens (~100× the median norm) weigh like any other (docs/refiners.md)
+    normalize: str = attrs.field(default="block", validator=one_of("block", "token"))
 
 
 @attrs.define
