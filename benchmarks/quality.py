@@ -98,7 +98,7 @@ SETTINGS = {
                                              "refiners": [{**BLOCKWISE, "epochs": 2, "discrete": False,
                                                            "normalize": norm}]}
        for b in ("1.5", "2.0") for tag, norm in (("", "token"), ("-blocknorm", "block"))},
-    # the same with the block-relative objective
+    # sign flips as in "+blockwise", with the block-relative objective
     **{f"mdbf-{b}+blockwise-blocknorm": {"quantizer": q("mdbf", target_bpw=float(b)),
                                         "refiners": [{**BLOCKWISE, "epochs": 2, "lr_discrete": 0.1,
                                                       "normalize": "block",
@@ -194,6 +194,8 @@ def main():
         return
     if args.fp:
         print(fp_baseline())
+    if args.output and len(args.settings) != 1:
+        p.error("--output takes exactly one setting")
     for key in args.settings:
         if key not in SETTINGS:
             p.error(f"unknown setting {key!r}; see --list")

@@ -79,6 +79,7 @@ class Run:
         self.row["python"] = sys.version.split()[0]
         print("RESULT " + json.dumps(self.row), flush=True)
 
+
 def start(tool: str, description: str, dists: list[str]):
     """Arguments, threads and inputs of a runner; an fp32 check is evaluated and reported here.
 
@@ -90,7 +91,6 @@ def start(tool: str, description: str, dists: list[str]):
         run.finish()
         return None
     return run, calib, evals
-
 
 
 def load_fp32(model_dir: str):

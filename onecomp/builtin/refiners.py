@@ -129,13 +129,13 @@ class _Trainer:
         best, best_epoch, best_state = start, 0, self.snapshot()
         history = []
         gen = torch.Generator().manual_seed(seed)
+        groups = self.optimizer.param_groups if self.optimizer and self.schedule == "linear" else []
+        base = [g["lr"] for g in groups]
         total, done = epochs * n_batches, 0
-        base = [g["lr"] for g in self.optimizer.param_groups] if self.optimizer else []
         for epoch in range(1, epochs + 1):
             for i in torch.randperm(n_batches, generator=gen).tolist():
-                if self.schedule == "linear":  # the step size falls to 0 at the last step
-                    for g, lr in zip(self.optimizer.param_groups if self.optimizer else [], base):
-                        g["lr"] = lr * (1 - done / total)
+                for g, lr in zip(groups, base):  # linear: the step size falls to 0 at the last step
+                    g["lr"] = lr * (1 - done / total)
                 self.step(loss(i))
                 done += 1
             value = objective()
