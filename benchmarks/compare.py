@@ -59,6 +59,8 @@ TOOLS = {
             "gptq-w3g128": {"method": "gptq", "bits": 3, "group_size": 128},
             "gptq-w4g128-actorder-asym": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True,
                                           "sym": False},
+            "gptq-w3g128-actorder-asym": {"method": "gptq", "bits": 3, "group_size": 128, "act_order": True,
+                                          "sym": False},
             "gptq+qep-w4g128": {"method": "gptq", "bits": 4, "group_size": 128, "qep": True},
             "gptq+qep-w3g128": {"method": "gptq", "bits": 3, "group_size": 128, "qep": True},
         }},

@@ -5,7 +5,7 @@ import torch
 
 from onecomp import ConfigError
 from onecomp.calibration import (StatsCollector, calibration_windows, capture_block, first_block_inputs,
-                                 leading_windows, propagate, sample_windows)
+                                 leading_windows, propagate, propagate_, sample_windows)
 from onecomp.config import CorpusSpec
 from onecomp.models import inspect_model
 from onecomp.models.inspect import find_blocks
@@ -151,7 +151,10 @@ def test_capture_block_shares_one_statistic_per_input_group(tiny_llama):
         for h in handles:
             h.remove()
 
+    expected_fp = propagate(block, fp_inputs)
+    fp_batches = list(fp_inputs.hidden)
     stats, fp_out = capture_block(block, leaders, q_inputs, fp_inputs, needs)
+    assert fp_inputs.hidden == [None, None]  # consumed batch by batch: one copy of the fp path at a time
     assert set(stats) == {"self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj"}  # one per group, if needed
     X_k = torch.cat(seen[("q", "self_attn.k_proj")])
     torch.testing.assert_close(X_k, torch.cat(seen[("q", "self_attn.v_proj")]))
@@ -168,7 +171,6 @@ def test_capture_block_shares_one_statistic_per_input_group(tiny_llama):
     assert stats["mlp.down_proj"].H.shape == (128, 128)
     torch.testing.assert_close(stats["mlp.down_proj"].H, 2 / N * X_down.T @ X_down, rtol=1e-4, atol=1e-5)
 
-    expected_fp = propagate(block, fp_inputs)
     assert len(fp_out.hidden) == 2
     for got, want in zip(fp_out.hidden, expected_fp.hidden):
         torch.testing.assert_close(got, want)
@@ -176,3 +178,19 @@ def test_capture_block_shares_one_statistic_per_input_group(tiny_llama):
         assert not m._forward_pre_hooks  # capture removed its hooks
     _, none = capture_block(block, leaders, q_inputs, None, {k: {"hessian"} for k in leaders})
     assert none is None
+    assert all(h is not None for h in q_inputs.hidden)  # the quantized path is only read
+    del fp_batches
+
+
+def test_propagate_in_place_equals_propagate_and_reuses_the_container(tiny_llama):
+    model = tiny_llama
+    _, blocks = find_blocks(model)
+    windows = torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(1))
+    inputs = first_block_inputs(model, blocks, windows, batch_size=2)
+    expected = propagate(blocks[0], inputs)
+    originals = list(inputs.hidden)
+    got = propagate_(blocks[0], inputs)
+    assert got is inputs and len(got.hidden) == 3
+    for g, e, o in zip(got.hidden, expected.hidden, originals):
+        torch.testing.assert_close(g, e)
+        assert g.data_ptr() != o.data_ptr()

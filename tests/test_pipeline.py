@@ -118,3 +118,53 @@ def test_gptq_qep_pipeline_runs_and_qep_sees_two_paths(tiny_model_dir, tmp_path)
                                 refiners=[{"name": "qep", "alpha": 0.5}]), progress=False)
     assert torch.isfinite(torch.tensor(result["stages"][0]["ppl"]["kjv-gospels"]))
     assert json.loads((out / "01-layerwise" / "onecomp.json").read_text())["config"]["refiners"][0]["name"] == "qep"
+
+
+def _layerwise(model, registry, tmp_path, windows):
+    from onecomp.models import inspect_model
+    from onecomp.pipeline.layerwise import LayerwiseContext, run_layerwise
+
+    insp = inspect_model(model)
+    spec = registry.resolve("quantizer", {"name": "gptq", "bits": 4, "group_size": 32}, "plan.quantizer")
+    planner = registry.create(registry.resolve("planner", "uniform", "plan.planner"))
+    plan = planner.plan(insp, spec, registry)
+    run_layerwise(LayerwiseContext(model, insp, plan, [], registry, windows, 2, tmp_path / "work", progress=False))
+    return plan
+
+
+def test_layerwise_caches_the_dequantized_weight_in_the_replaced_weights_memory(tiny_llama, registry, tmp_path,
+                                                                                 calib_batch):
+    """No second copy of the linear layers: each QuantLinear's cache is the old weight's storage, holding Ŵ."""
+    from onecomp.checkpoint import QuantLinear
+
+    model = tiny_llama
+    before = {n: m.weight.untyped_storage().data_ptr() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    plan = _layerwise(model, registry, tmp_path, calib_batch)
+    assert set(plan) <= set(before) and plan
+    for name in plan:
+        q = model.get_submodule(name)
+        assert isinstance(q, QuantLinear)
+        assert q._cache.untyped_storage().data_ptr() == before[name]
+        assert torch.equal(q._cache, q.dequantize())
+
+
+def test_layerwise_never_overwrites_a_weight_another_module_shares(tiny_llama, registry, tmp_path, calib_batch):
+    """Tied weights: block 0's q_proj shares block 1's; quantizing block 0 must leave block 1's values intact."""
+    model = tiny_llama
+    blocks = model.model.layers
+    blocks[1].self_attn.q_proj.weight = blocks[0].self_attn.q_proj.weight
+    original = blocks[0].self_attn.q_proj.weight.detach().clone()
+    seen = {}
+    real = blocks[1].self_attn.q_proj.forward
+
+    def spy(x):
+        seen.setdefault("w", blocks[1].self_attn.q_proj.weight.detach().clone())
+        return real(x)
+
+    blocks[1].self_attn.q_proj.forward = spy
+    _layerwise(model, registry, tmp_path, calib_batch)
+    assert torch.equal(seen["w"], original)  # block 1 saw the fp weight while block 0 was already quantized
+    q0 = blocks[0].self_attn.q_proj
+    assert q0._cache.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
+    assert torch.equal(q0._cache, q0.dequantize())

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import BlockInputs, first_block_inputs, propagate, run_block
+from ..calibration import BlockInputs, first_block_inputs, propagate_, run_block
 from ..checkpoint import BlockStore, quantized_modules
 from ..components import Refiner
 from ..config import in_range, one_of
@@ -217,7 +217,7 @@ class Blockwise(Refiner):
         rows = []
         bar = tqdm(total=len(blocks) * cfg.epochs, desc="blockwise", unit="epoch", disable=not ctx.progress)
         for b in range(len(blocks)):
-            fp_out = propagate(t_blocks[b], fp_in)
+            fp_out = propagate_(t_blocks[b], fp_in)  # fp_in is not needed after this
             if store.has(b):  # resume: re-apply the refined block
                 rows.append(store.apply(b, model, ctx.registry))
                 bar.update(cfg.epochs)
@@ -225,7 +225,7 @@ class Blockwise(Refiner):
                 row = self._train_block(b, blocks[b], q_in, fp_out, ctx, bar, f"{path}.{b}.")
                 store.save(b, {f"{path}.{b}.{n}": m for n, m in quantized_modules(blocks[b]).items()}, row)
                 rows.append(row)
-            q_in, fp_in = propagate(blocks[b], q_in), fp_out
+            q_in, fp_in = propagate_(blocks[b], q_in), fp_out
         bar.close()
         before = sum(r["loss_before"] for r in rows)
         after = sum(r["loss_after"] for r in rows)

@@ -69,6 +69,17 @@ def propagate(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     return BlockInputs([run_block(block, h, kw) for h, kw in zip(inputs.hidden, inputs.kwargs)], inputs.kwargs)
 
 
+@torch.no_grad()
+def propagate_(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """``propagate`` in place: each batch's input is replaced by its output as soon as it is computed,
+    so only one copy of the calibration activations (plus one batch) is alive, not two."""
+    for i, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+        inputs.hidden[i] = None  # drop the list's reference first, so h is freed when run_block is done
+        inputs.hidden[i] = run_block(block, h, kw)
+        del h
+    return inputs
+
+
 class StatsCollector:
     """Running statistics of one input group (see onecomp.components.STATISTICS)."""
 
@@ -116,7 +127,10 @@ def capture_block(block: nn.Module, groups: dict, q_inputs: BlockInputs, fp_inpu
     """Statistics per input group of one block, and the block's fp-path outputs when X is needed.
 
     ``groups`` maps a group leader's relative name to its module; ``needs`` maps the
-    leader to the statistics wanted. Returns ``({leader: LayerStats}, fp_outputs)``.
+    leader to the statistics wanted. Returns ``({leader: LayerStats}, fp_outputs)``; the fp
+    inputs are consumed (their batches are released as the fp outputs are made). The pass on the
+    quantized path only feeds statistics, so it stops as soon as every group has seen its input
+    (the block's last linear layer and residual are never computed there).
     """
     collectors = {g: StatsCollector(needs[g], m.in_features) for g, m in groups.items() if needs[g]}
     want_fp = {g for g, c in collectors.items() if "cross" in c.needs}
@@ -127,9 +141,14 @@ def capture_block(block: nn.Module, groups: dict, q_inputs: BlockInputs, fp_inpu
             fp_X[g] = args[0]
         return hook
 
+    pending: set = set()
+
     def accumulator(g):
         def hook(m, args):
             collectors[g].add(args[0], fp_X.get(g))
+            pending.discard(g)
+            if not pending:  # every group has its input: the rest of this forward (e.g. down_proj) is unused
+                raise _Stop
         return hook
 
     fp_out = []
@@ -141,9 +160,13 @@ def capture_block(block: nn.Module, groups: dict, q_inputs: BlockInputs, fp_inpu
             finally:
                 for handle in handles:
                     handle.remove()
+            fp_inputs.hidden[i] = None  # consumed: the caller gets fp_out in its place
         handles = [groups[g].register_forward_pre_hook(accumulator(g)) for g in collectors]
+        pending.update(collectors)
         try:
             run_block(block, h, kw)
+        except _Stop:
+            pass
         finally:
             for handle in handles:
                 handle.remove()

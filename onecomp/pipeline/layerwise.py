@@ -14,7 +14,7 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration import BlockInputs, capture_block, first_block_inputs, propagate
+from ..calibration import BlockInputs, capture_block, first_block_inputs, propagate_
 from ..checkpoint import BlockStore, QuantLinear
 from ..components import LayerStats, LayerTask
 from .report import BlockReport, LayerReport
@@ -42,6 +42,22 @@ def _replace(model, name: str, module) -> None:
 
 def _key(spec) -> str:
     return json.dumps(spec.to_dict(), sort_keys=True, default=str)
+
+
+def _cache_over_weight(model, linear, W_hat: torch.Tensor) -> torch.Tensor:
+    """The QuantLinear's dequantized-weight cache, written over the replaced layer's own weight.
+
+    The fp weight is not needed again, and keeping it beside a second, dequantized copy would double
+    the linear layers' memory: transformers memory-maps checkpoints privately, and a weight's pages stay
+    resident while any tensor of that file lives. Only done when no other parameter or buffer shares
+    the weight's storage (tied weights keep their values)."""
+    weight = linear.weight.data
+    storage = weight.untyped_storage().data_ptr()
+    holders = sum(t.untyped_storage().data_ptr() == storage
+                  for t in [*(p for _, p in model.named_parameters(remove_duplicate=False)), *model.buffers()])
+    if holders > 1 or weight.shape != W_hat.shape or weight.device != W_hat.device or not weight.is_contiguous():
+        return W_hat.to(weight.dtype)
+    return weight.copy_(W_hat)
 
 
 def relative_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor | None) -> float:
@@ -74,9 +90,9 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         t0 = time.perf_counter()
         if store.has(b):  # resume: re-apply, recompute activations only
             if fp_in is not None:
-                fp_in = propagate(block, fp_in)
+                fp_in = propagate_(block, fp_in)
             reports += _apply_saved(ctx, store, b)
-            q_in = propagate(block, q_in)
+            q_in = propagate_(block, q_in)
             bar.update(1)
             continue
 
@@ -84,7 +100,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         done = {r.name: model.get_submodule(r.name) for r in layer_reports}
         store.save(b, done, {"layers": [attrs.asdict(r) for r in layer_reports]})
         reports += layer_reports
-        q_in = propagate(block, q_in)
+        q_in = propagate_(block, q_in)
         fp_in = fp_out
         if ctx.run_info is not None:
             registry.hook.on_block_done(run=ctx.run_info,
@@ -159,8 +175,8 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, f
             fmt.check(compressed.tensors, compressed.shape)
             q = QuantLinear.from_compressed(fmt, compressed, linear.bias)
             W_hat = q.dequantize()
-            q._cache = W_hat.to(W.dtype)  # the first forward would compute the same
             err = relative_error(W, W_hat, task.stats.H)
+            q._cache = _cache_over_weight(ctx.model, linear, W_hat)  # the first forward would compute the same
             _replace(block, rel, q.to(W.device))
             rep = LayerReport(full, fmt.name, q.bits() / W.numel(), err, time.perf_counter() - t0,
                               {k: v for k, v in compressed.info.items() if isinstance(v, (int, float, str))})

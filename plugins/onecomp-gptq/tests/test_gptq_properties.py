@@ -174,3 +174,25 @@ def test_shrink_trades_calibration_fit_for_robustness(layer):
                                W.shape)
         errors.append(((W - W_hat) @ X.T).norm().item())
     assert errors[0] < errors[1] < errors[2]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_numpy_column_step_equals_the_torch_step(bits):
+    """The CPU fast path of one GPTQ column (NumPy views) gives the torch path's codes and errors bit for bit,
+    including ties at .5 (round half to even) and clamped codes."""
+    from onecomp_gptq.quantizers import _quantize_column
+
+    g = torch.Generator().manual_seed(bits)
+    maxq = 2**bits - 1
+    scale = (torch.rand(257, generator=g) * 0.1 + 0.01).half().float()
+    zero = torch.randint(0, maxq + 1, (257,), generator=g).float()
+    w = torch.randn(257, generator=g) * 0.3
+    w[:40] = scale[:40] * (torch.randint(-4, 5, (40,), generator=g) + 0.5)  # exact ties
+    d = 0.7311
+    outs = []
+    for on_cpu in (True, False):
+        q, err = torch.full((257,), -1.0), torch.full((257,), -1.0)
+        _quantize_column(w, q, err, scale, zero, maxq, d, on_cpu)
+        outs.append((q, err))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert outs[0][0].min() >= 0 and outs[0][0].max() <= maxq

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import attrs
+import numpy as np
 import torch
 
 from onecomp import Compressed, LayerTask, Quantizer, in_range
@@ -87,6 +88,27 @@ def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
 
 
+def _quantize_column(w, q, err, scale, zero, maxq: int, d: float, on_cpu: bool) -> None:
+    """One GPTQ column step, written into the rows ``q`` (codes) and ``err`` ((w − ŵ)/d).
+
+    On CPU the same float32 operations run through NumPy views of the same memory: a column
+    step is a dozen tiny vector ops, where NumPy's per-call overhead is a fraction of torch's
+    (bit-identical results; tested against the torch path)."""
+    if not on_cpu:
+        q.copy_(codes(w, scale, zero, maxq))
+        err.copy_((w - scale * (q - zero)).div_(d))
+        return
+    w, q, err, scale, zero = w.numpy(), q.numpy(), err.numpy(), scale.numpy(), zero.numpy()
+    np.divide(w, scale, out=q)
+    np.rint(q, out=q)  # round half to even, as torch.round
+    q += zero
+    np.clip(q, 0, maxq, out=q)
+    np.subtract(q, zero, out=err)
+    err *= scale
+    np.subtract(w, err, out=err)
+    err /= np.float32(d)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
                   act_order: bool = True, damp: float = 0.01, block_size: int = 128, mse: bool = False,
                   shrink: float = 0.0):
@@ -132,6 +154,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
         scale, zero = find_params(W, bits, sym, mse)
         scales[:, 0], zeros[:, 0] = scale, zero
     diag = Hinv.diagonal().tolist()
+    on_cpu = W.device.type == "cpu" and W.dtype == torch.float32
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1T = W[:, i1:i2].T.contiguous()
@@ -148,12 +171,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
                     current = torch.cat([current, pending], 1)
                 scale, zero = find_params(current, bits, sym, mse)
                 scales[:, col // g], zeros[:, col // g] = scale, zero
-            w = W1T[i]
-            qc = codes(w, scale, zero, maxq)
-            QT[col] = qc
-            err = (w - scale * (qc - zero)).div_(diag[col])
-            ErrT[col] = err
-            W1T[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            _quantize_column(W1T[i], QT[col], ErrT[col], scale, zero, maxq, diag[col], on_cpu)
+            W1T[i:].addr_(Hinv1[i, i:], ErrT[col], alpha=-1)
         W[:, i2:].addmm_(ErrT[i1:i2].T, Hinv[i1:i2, i2:], alpha=-1)
     Q, Err = QT.T.contiguous(), ErrT.T.contiguous()
     losses = Err.square_().div_(2)
