@@ -90,7 +90,8 @@ TOOL_NOTES = {
            "576-wide layer.",
 }
 #: our settings (benchmarks/quality.py SETTINGS) compared with the peers
-OURS = ["gptq-w4g128", "gptq-w3g128", "gptq+qep-w4g128", "gptq+qep-w3g128"]
+OURS = ["gptq-w4g128", "gptq-w3g128", "gptq+qep-w4g128", "gptq+qep-w3g128", "gptq-w4g64", "gptq+qep-w4g64",
+        "gptq-w3g64", "gptq+qep-w3g64"]
 
 
 #: prints the unconditional (non-extra) requirements of a distribution, one a line

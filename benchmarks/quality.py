@@ -41,6 +41,8 @@ SETTINGS = {
     "gptq-w4g128": {"quantizer": q("gptq", bits=4, group_size=128)},
     "gptq-w3g128": {"quantizer": q("gptq", bits=3, group_size=128)},
     "gptq-w3pc": {"quantizer": q("gptq", bits=3, group_size=-1)},
+    "gptq-w4g64": {"quantizer": q("gptq", bits=4, group_size=64)},  # beside llmcompressor's and hqq's g64 rows
+    "gptq-w3g64": {"quantizer": q("gptq", bits=3, group_size=64)},
     "gptq-w2g64": {"quantizer": q("gptq", bits=2, group_size=64)},
     # GPTQ as commonly configured (no shrinkage, damp 0.01 / 0.1 / 1): the out-of-domain study
     "gptq-w4g128-shrink0": {"quantizer": q("gptq", bits=4, group_size=128, shrink=0.0, damp=0.01)},
@@ -61,6 +63,8 @@ SETTINGS = {
     "gptq+qep-w4g128": {"quantizer": q("gptq", bits=4, group_size=128), "refiners": [{"name": "qep"}]},
     "gptq+qep-w3g128": {"quantizer": q("gptq", bits=3, group_size=128), "refiners": [{"name": "qep"}]},
     "gptq+qep-w3pc": {"quantizer": q("gptq", bits=3, group_size=-1), "refiners": [{"name": "qep"}]},
+    "gptq+qep-w4g64": {"quantizer": q("gptq", bits=4, group_size=64), "refiners": [{"name": "qep"}]},
+    "gptq+qep-w3g64": {"quantizer": q("gptq", bits=3, group_size=64), "refiners": [{"name": "qep"}]},
     "gptq+qep-w2g64": {"quantizer": q("gptq", bits=2, group_size=64), "refiners": [{"name": "qep"}]},
     "gptq+qep-w3g128-percdamp0.1": {"quantizer": q("gptq", bits=3, group_size=128),
                                     "refiners": [{"name": "qep", "percdamp": 0.1}]},

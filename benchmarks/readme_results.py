@@ -42,9 +42,32 @@ def section() -> str:
                 lines.append(f"| {label} | {fmt(st['bits_per_weight'], 3)} | {fmt(st['ppl'][TEXTS[0]])} | "
                              f"{fmt(st['ppl'][TEXTS[1]])} | {fmt(st['seconds'], 0)} |")
     lines.append("")
-    lines.append("Times were measured while other jobs shared the 2 cores; notes per row are in quality.md. "
-                 "Generated from `benchmarks/results/` by `python benchmarks/readme_results.py`.")
+    lines.append("Times were measured while other jobs shared the 2 cores; notes per row are in quality.md.")
+    lines += ["", *peer_section()]
+    lines.append("Generated from `benchmarks/results/` by `python benchmarks/readme_results.py`.")
     return "\n".join(lines)
+
+
+def peer_section() -> list[str]:
+    """Ours / peer ratios from results/compare.json (compare.py's own ratio rule), one line per pair."""
+    import compare
+
+    data = compare.load_results()
+    pairs = compare.ratios(data)
+    if not pairs:
+        return []
+    lines = ["Against other tools on the same inputs, threads and evaluation "
+             "([benchmarks/results/compare.md](benchmarks/results/compare.md), `benchmarks/compare.py`): ratios "
+             "ours / peer, below 1 is better for us; ¹ marks our rows reused from quality.json (their time and "
+             "memory come from another session).", "",
+             "| ours | peer | bits/weight ours / peer | ppl gospels | ppl pydoc | quant time | peak RSS |",
+             "|---|---|---|---|---|---|---|"]
+    for r in pairs:
+        a, b = r["bpw"]
+        lines.append(f"| {r['ours']} | {r['peer']} | {a:.3f} / {b:.3f} | {r['ppl'][TEXTS[0]]:.3f} | "
+                     f"{r['ppl'][TEXTS[1]]:.3f} | {fmt(r['time'])} | {fmt(r['memory'])} |")
+    lines.append("")
+    return lines
 
 
 def main():

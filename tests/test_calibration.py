@@ -106,6 +106,22 @@ def test_stats_collector_matches_the_definitions():
     torch.testing.assert_close(stats.cross, ref.cross)
 
 
+@pytest.mark.parametrize("d,tile", [(8, 3), (70, 16), (64, 64), (5, 256)])
+def test_upper_gram_accumulation_equals_the_full_product_and_is_exactly_symmetric(d, tile):
+    from onecomp.calibration.capture import add_gram_upper_, mirror_upper_
+
+    g = torch.Generator().manual_seed(d)
+    H = torch.zeros(d, d)
+    full = torch.zeros(d, d)
+    for _ in range(3):
+        X = torch.randn(40, d, generator=g) * torch.exp(torch.randn(d, generator=g))
+        add_gram_upper_(H, X, tile)
+        full.addmm_(X.T, X)
+    mirror_upper_(H)
+    torch.testing.assert_close(H, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(H, H.T)
+
+
 def test_stats_collector_keeps_only_what_is_needed():
     X_hat, _ = batches()
     c = StatsCollector({"diag"}, 8)

@@ -80,6 +80,23 @@ def propagate_(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     return inputs
 
 
+def add_gram_upper_(H: torch.Tensor, X: torch.Tensor, tile: int = 256) -> torch.Tensor:
+    """``H += XᵀX`` on the rows-of-tiles on and above the diagonal only, for ``X [tokens, d]``.
+
+    The Gram matrix is symmetric, so one strip ``X_iᵀ X[:, i:]`` per tile row is enough: 58% of the
+    full product's flops at d = 1536, 74% at d = 576. ``mirror_upper_`` fills in the rest."""
+    d = X.shape[1]
+    for i in range(0, d, tile):
+        H[i:i + tile, i:].addmm_(X[:, i:i + tile].T, X[:, i:])
+    return H
+
+
+def mirror_upper_(H: torch.Tensor) -> torch.Tensor:
+    """Make ``H`` exactly symmetric from its upper triangle (diagonal included)."""
+    upper = torch.triu(H)
+    return H.copy_(upper + torch.triu(upper, 1).T)
+
+
 class StatsCollector:
     """Running statistics of one input group (see onecomp.components.STATISTICS)."""
 
@@ -98,7 +115,7 @@ class StatsCollector:
         X_hat = X_hat.reshape(-1, X_hat.shape[-1]).float()
         self.n += X_hat.shape[0]
         if self.H is not None:
-            self.H.addmm_(X_hat.T, X_hat)
+            add_gram_upper_(self.H, X_hat)
         if self.cross is not None:
             if X is None:
                 raise ValueError("the 'cross' statistic needs the fp-path input X")
@@ -114,7 +131,7 @@ class StatsCollector:
         samples = torch.cat(self.samples)[: self.max_samples] if self.samples else None
         return LayerStats(
             n_tokens=self.n,
-            H=self.H.mul_(2 / n) if self.H is not None else None,
+            H=mirror_upper_(self.H).mul_(2 / n) if self.H is not None else None,
             cross=self.cross.mul_(2 / n) if self.cross is not None else None,
             diag=self.sq / n if self.sq is not None else None,
             samples=samples,
