@@ -168,3 +168,14 @@ def test_layerwise_never_overwrites_a_weight_another_module_shares(tiny_llama, r
     q0 = blocks[0].self_attn.q_proj
     assert q0._cache.untyped_storage().data_ptr() != original.untyped_storage().data_ptr()
     assert torch.equal(q0._cache, q0.dequantize())
+
+
+def test_layerwise_does_not_propagate_past_the_last_block(tiny_llama, registry, tmp_path, calib_batch, monkeypatch):
+    import onecomp.pipeline.layerwise as lw
+
+    calls = []
+    real = lw.propagate_
+    monkeypatch.setattr(lw, "propagate_", lambda block, inputs: calls.append(block) or real(block, inputs))
+    _layerwise(tiny_llama, registry, tmp_path, calib_batch)
+    blocks = tiny_llama.model.layers
+    assert calls == list(blocks)[:-1]

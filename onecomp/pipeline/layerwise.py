@@ -88,11 +88,13 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
     for b, info in enumerate(insp.blocks):
         block = blocks[b]
         t0 = time.perf_counter()
+        last = b == len(insp.blocks) - 1  # no next block: its outputs are never needed
         if store.has(b):  # resume: re-apply, recompute activations only
-            if fp_in is not None:
+            if fp_in is not None and not last:
                 fp_in = propagate_(block, fp_in)
             reports += _apply_saved(ctx, store, b)
-            q_in = propagate_(block, q_in)
+            if not last:
+                q_in = propagate_(block, q_in)
             bar.update(1)
             continue
 
@@ -100,7 +102,8 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         done = {r.name: model.get_submodule(r.name) for r in layer_reports}
         store.save(b, done, {"layers": [attrs.asdict(r) for r in layer_reports]})
         reports += layer_reports
-        q_in = propagate_(block, q_in)
+        if not last:
+            q_in = propagate_(block, q_in)
         fp_in = fp_out
         if ctx.run_info is not None:
             registry.hook.on_block_done(run=ctx.run_info,
