@@ -243,6 +243,8 @@ def test_seed_backend_and_required_plugins(reg):
     assert error(load_config, pipeline(seed=True), registry=reg).path == "seed"
     e = error(load_config, pipeline(backend={"name": "torch", "device": "tpu"}), registry=reg)
     assert e.path == "backend.device"
+    e = error(load_config, pipeline(backend={"name": "torch", "mmap_threshold_mb": 64}), registry=reg)
+    assert e.path == "backend.mmap_threshold_mb"
     e = error(load_config, pipeline(plugins={"require": ["onecomp-not-installed-anywhere>=1.0"]}), registry=reg)
     assert e.path == "plugins.require[0]" and "pip install" in e.message
     assert error(load_config, pipeline(plugins={"needs": []}), registry=reg).path == "plugins"
@@ -329,3 +331,14 @@ def test_file_errors(tmp_path):
     assert "cannot parse" in str(error(read_file, tmp_path / "bad.toml"))
     (tmp_path / "empty.yml").write_text("")
     assert read_file(tmp_path / "empty.yml") == {}
+
+
+def test_torch_backend_fixes_the_glibc_mmap_threshold():
+    """On glibc (this project's CI) the backend's memory setting takes effect; elsewhere it is a no-op."""
+    import platform
+
+    from onecomp.builtin.torch_backend import set_mmap_threshold
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert set_mmap_threshold(1) is True

@@ -7,14 +7,36 @@ import psutil
 import torch
 
 from ..components import Backend
-from ..config import one_of
+from ..config import in_range, one_of
 from ..hookspecs import hookimpl
 
 
 @attrs.define
 class TorchConfig:
     device: str = attrs.field(default="auto", validator=one_of("auto", "cpu", "cuda"))
-    threads: int = 0  # 0 = leave torch's default
+    threads: int = attrs.field(default=0, validator=in_range(0, None))  # 0 = leave torch's default
+    # glibc: CPU allocations of at least this many MiB get their own mapping, returned to the system
+    # when freed; 0 leaves glibc's adaptive threshold (see docs/config.md, [backend])
+    mmap_threshold_mb: int = attrs.field(default=1, validator=in_range(0, 32))
+
+
+def set_mmap_threshold(mb: int) -> bool:
+    """Fix glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``); False where there is no glibc.
+
+    glibc raises the threshold adaptively to the size of the largest freed block (up to 32 MiB), so
+    after the first batch the ~10–25 MiB activation tensors come from the heap, whose freed space
+    fragments and is never returned: resident memory then creeps up block after block. Measured on
+    SmolLM2-135M after 4 blocks of the layer-wise stage: 1465–1486 MiB resident (peak 1534–1627) with
+    glibc's default, 1172–1174 MiB (peak 1278–1281) with a 1 MiB threshold, at the same speed
+    (178–203 s either way, two runs each). A fixed threshold also turns off the adaptation."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(mb) << 20))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
 
 
 class TorchBackend(Backend):
@@ -27,6 +49,8 @@ class TorchBackend(Backend):
         super().__init__(config)
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        if self.config.mmap_threshold_mb and self.device().type == "cpu":
+            set_mmap_threshold(self.config.mmap_threshold_mb)
 
     def device(self):
         if self.config.device == "cuda" or (self.config.device == "auto" and torch.cuda.is_available()):
