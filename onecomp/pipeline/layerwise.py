@@ -166,7 +166,7 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, f
             t0 = time.perf_counter()
             full = f"{info.prefix}.{rel}"
             linear = block.get_submodule(rel)
-            W = linear.weight.detach().float()
+            W = linear.weight.detach().to(torch.float32, copy=True)  # the task's own: the weight is overwritten by Ŵ
             group_stats = stats.get(group[0])
             task = LayerTask(name=full, W=W, stats=group_stats if group_stats is not None else LayerStats(),
                              bias=linear.bias, group=f"{info.prefix}.{group[0]}", seed=ctx.seed, original_W=W)

@@ -196,3 +196,25 @@ def test_numpy_column_step_equals_the_torch_step(bits):
         outs.append((q, err))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert outs[0][0].min() >= 0 and outs[0][0].max() <= maxq
+
+
+def test_layers_sharing_a_hessian_factor_it_once_with_the_same_result(layer, monkeypatch):
+    """q/k/v share one LayerStats: the quantizer factors H once per input group, and the codes equal a
+    fresh quantizer's."""
+    import onecomp_gptq.quantizers as qz
+
+    W, X = layer
+    stats = LayerStats(n_tokens=X.shape[0], H=hessian(X))
+    tasks = [LayerTask(name=f"l{i}", W=W * (1 + i), stats=stats) for i in range(3)]
+    calls = []
+    real = qz.hessian_factor
+    monkeypatch.setattr(qz, "hessian_factor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared = GPTQ(GPTQConfig(bits=3, group_size=64))
+    results = [shared.quantize(t) for t in tasks]
+    assert len(calls) == 1
+    for t, r in zip(tasks, results):
+        fresh = GPTQ(GPTQConfig(bits=3, group_size=64)).quantize(t)
+        assert all(torch.equal(r.tensors[k], fresh.tensors[k]) for k in fresh.tensors)
+    other = LayerTask(name="o", W=W, stats=LayerStats(n_tokens=X.shape[0], H=hessian(X[:2000])))
+    shared.quantize(other)
+    assert len(calls) == 1 + 1 + 3  # a new H is factored again (plus one per fresh quantizer above)
