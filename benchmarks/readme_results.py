@@ -53,6 +53,7 @@ def peer_section() -> list[str]:
     import compare
 
     data = compare.load_results()
+    data.pop("_unavailable", None)
     pairs = compare.ratios(data)
     if not pairs:
         return []
