@@ -76,7 +76,6 @@ def propagate_(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     for i, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
         inputs.hidden[i] = None  # drop the list's reference first, so h is freed when run_block is done
         inputs.hidden[i] = run_block(block, h, kw)
-        del h
     return inputs
 
 
