@@ -125,6 +125,10 @@ class CalibrationSection:
     seq_len: int = attrs.field(default=512, validator=_positive)
     seed: int = 0
     batch_size: int = attrs.field(default=8, validator=_positive)
+    # "layer": each input group is calibrated after the groups before it in the block are quantized
+    # (Llama-style blocks without the 'cross' statistic); "block": one statistics pass per block on its
+    # original weights (docs/config.md, [calibration])
+    sequential: str = attrs.field(default="layer", validator=one_of("layer", "block"))
 
 
 @attrs.define

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from onecomp import ConfigError
-from onecomp.calibration import (StatsCollector, calibration_windows, capture_block, first_block_inputs,
-                                 leading_windows, propagate, propagate_, sample_windows)
+from onecomp.calibration import (SequentialCapture, StatsCollector, calibration_windows, capture_block,
+                                 first_block_inputs, leading_windows, propagate, propagate_, sample_windows,
+                                 stages_supported)
 from onecomp.config import CorpusSpec
 from onecomp.models import inspect_model
 from onecomp.models.inspect import find_blocks
@@ -210,3 +211,107 @@ def test_propagate_in_place_equals_propagate_and_reuses_the_container(tiny_llama
     for g, e, o in zip(got.hidden, expected.hidden, originals):
         torch.testing.assert_close(g, e)
         assert g.data_ptr() != o.data_ptr()
+
+
+# ------------------------------------------------------------------ layer-by-layer (true sequential) capture
+
+LEADERS = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+ALL_STATS = {"hessian", "diag", "samples"}
+
+
+def _block_and_inputs(model, seed=2, n=5):
+    _, blocks = find_blocks(model)
+    windows = torch.randint(0, 256, (n, 16), generator=torch.Generator().manual_seed(seed))
+    return blocks, first_block_inputs(model, blocks, windows, batch_size=2)
+
+
+def _assert_same_stats(a, b):
+    assert a.n_tokens == b.n_tokens
+    for field in ("H", "diag", "samples"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_capture_with_nothing_changed_equals_the_block_pass(tiny_llama):
+    """With no layer replaced between stages, layer-by-layer statistics are the one-pass statistics, and
+    ``finish`` gives the block's own outputs (so a resumed run, which propagates, sees the same inputs)."""
+    blocks, inputs = _block_and_inputs(tiny_llama)
+    block, info = blocks[0], inspect_model(tiny_llama).blocks[0]
+    assert stages_supported(block, info.groups)
+    leaders = {g: block.get_submodule(g) for g in LEADERS}
+    want, _ = capture_block(block, leaders, inputs, None, {g: ALL_STATS for g in LEADERS})
+    expected = propagate(block, inputs)
+    seq = SequentialCapture(block, inputs)
+    for g in LEADERS:
+        _assert_same_stats(seq.stats(g, ALL_STATS), want[g])
+    out = seq.finish()
+    assert out is inputs  # written in place: one copy of the activations
+    for got, e in zip(out.hidden, expected.hidden):
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)
+    for m in block.modules():
+        assert not m._forward_pre_hooks
+
+
+def test_sequential_capture_sees_the_layers_replaced_before_each_stage(tiny_llama):
+    """True sequential: o_proj's statistics come from the already-changed q/k/v, down_proj's from the changed
+    gate/up, and the outputs from the fully changed block: each equals a fresh pass over the changed block."""
+    blocks, inputs = _block_and_inputs(tiny_llama, seed=3)
+    block = blocks[0]
+    g = torch.Generator().manual_seed(0)
+
+    def perturb(names):
+        with torch.no_grad():
+            for n in names:
+                w = block.get_submodule(n).weight
+                w.add_(0.2 * w.abs().mean() * torch.randn(w.shape, generator=g))
+
+    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    seq = SequentialCapture(block, inputs.clone())
+    for leader, group in zip(LEADERS, groups):
+        got = seq.stats(leader, {"hessian"})
+        fresh, _ = capture_block(block, {leader: block.get_submodule(leader)}, inputs, None, {leader: {"hessian"}})
+        torch.testing.assert_close(got.H, fresh[leader].H, rtol=1e-5, atol=1e-6)
+        perturb(group)  # "quantize" the group before the next one is calibrated
+    out = seq.finish()
+    for got, e in zip(out.hidden, propagate(block, inputs).hidden):
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_capture_runs_stages_in_order_and_finish_runs_the_rest(tiny_llama):
+    blocks, inputs = _block_and_inputs(tiny_llama, seed=4, n=3)
+    expected = propagate(blocks[0], inputs)
+    seq = SequentialCapture(blocks[0], inputs)
+    with pytest.raises(RuntimeError, match="out of order"):
+        seq.stats("mlp.gate_proj", {"hessian"})
+    assert seq.stats("self_attn.q_proj", ()) is None  # nothing needed: the stage still runs, no statistics
+    for got, e in zip(seq.finish().hidden, expected.hidden):  # o_proj, gate/up and down stages are run by finish
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_the_staged_block_families_compute_what_their_forward_computes(family):
+    """STAGED_LAYERS's claim, checked on tiny random models of each family: the staged computation equals
+    the block's forward, and inspection finds the four input groups in the staged order."""
+    import transformers
+
+    cls = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    cfg = getattr(transformers, f"{cls}Config")(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                  head_dim=16, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
+    info = inspect_model(model).blocks[0]
+    blocks, inputs = _block_and_inputs(model, seed=5, n=4)
+    assert stages_supported(blocks[0], info.groups)
+    expected = propagate(blocks[0], inputs)
+    seq = SequentialCapture(blocks[0], inputs)
+    for g in LEADERS:
+        seq.stats(g, {"hessian"})
+    for got, e in zip(seq.finish().hidden, expected.hidden):
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)
+
+
+def test_stages_are_not_claimed_for_other_blocks(tiny_llama):
+    _, blocks = find_blocks(tiny_llama)
+    assert not stages_supported(blocks[0], [["self_attn.q_proj"], ["mlp.gate_proj"]])
+    assert not stages_supported(torch.nn.Linear(2, 2), [[g] for g in LEADERS])

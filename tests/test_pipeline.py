@@ -120,7 +120,7 @@ def test_gptq_qep_pipeline_runs_and_qep_sees_two_paths(tiny_model_dir, tmp_path)
     assert json.loads((out / "01-layerwise" / "onecomp.json").read_text())["config"]["refiners"][0]["name"] == "qep"
 
 
-def _layerwise(model, registry, tmp_path, windows):
+def _layerwise(model, registry, tmp_path, windows, sequential="layer"):
     from onecomp.models import inspect_model
     from onecomp.pipeline.layerwise import LayerwiseContext, run_layerwise
 
@@ -128,7 +128,8 @@ def _layerwise(model, registry, tmp_path, windows):
     spec = registry.resolve("quantizer", {"name": "gptq", "bits": 4, "group_size": 32}, "plan.quantizer")
     planner = registry.create(registry.resolve("planner", "uniform", "plan.planner"))
     plan = planner.plan(insp, spec, registry)
-    run_layerwise(LayerwiseContext(model, insp, plan, [], registry, windows, 2, tmp_path / "work", progress=False))
+    run_layerwise(LayerwiseContext(model, insp, plan, [], registry, windows, 2, tmp_path / "work", progress=False,
+                                   sequential=sequential))
     return plan
 
 
@@ -170,12 +171,33 @@ def test_layerwise_never_overwrites_a_weight_another_module_shares(tiny_llama, r
     assert torch.equal(q0._cache, q0.dequantize())
 
 
-def test_layerwise_does_not_propagate_past_the_last_block(tiny_llama, registry, tmp_path, calib_batch, monkeypatch):
+@pytest.mark.parametrize("sequential", ["layer", "block"])
+def test_layerwise_does_not_propagate_past_the_last_block(tiny_llama, registry, tmp_path, calib_batch, monkeypatch,
+                                                          sequential):
+    """Block mode propagates after each block but the last; layer mode gets the outputs from its own stages
+    (SequentialCapture.finish), also for every block but the last, and never runs a separate pass."""
     import onecomp.pipeline.layerwise as lw
 
-    calls = []
-    real = lw.propagate_
-    monkeypatch.setattr(lw, "propagate_", lambda block, inputs: calls.append(block) or real(block, inputs))
-    _layerwise(tiny_llama, registry, tmp_path, calib_batch)
-    blocks = tiny_llama.model.layers
-    assert calls == list(blocks)[:-1]
+    calls = {"propagate": [], "finish": []}
+    real, real_finish = lw.propagate_, lw.SequentialCapture.finish
+    monkeypatch.setattr(lw, "propagate_", lambda block, inputs: calls["propagate"].append(block) or real(block, inputs))
+    monkeypatch.setattr(lw.SequentialCapture, "finish", lambda self: calls["finish"].append(self.block)
+                        or real_finish(self))
+    _layerwise(tiny_llama, registry, tmp_path, calib_batch, sequential)
+    blocks = list(tiny_llama.model.layers)
+    assert calls == ({"propagate": [], "finish": blocks[:-1]} if sequential == "layer"
+                     else {"propagate": blocks[:-1], "finish": []})
+
+
+def test_layer_and_block_calibration_agree_on_block_0_q_k_v(tiny_llama, registry, tmp_path, calib_batch):
+    """Both modes calibrate q/k/v of the first block on the same inputs (the modes differ from o_proj on)."""
+    import copy
+
+    other = copy.deepcopy(tiny_llama)
+    _layerwise(tiny_llama, registry, tmp_path / "a", calib_batch, "layer")
+    _layerwise(other, registry, tmp_path / "b", calib_batch, "block")
+    for name in ("q_proj", "k_proj", "v_proj"):
+        a, b = (m.model.layers[0].self_attn.get_submodule(name) for m in (tiny_llama, other))
+        assert torch.equal(a.dequantize(), b.dequantize())
+    assert not torch.equal(tiny_llama.model.layers[0].mlp.down_proj.dequantize(),
+                           other.model.layers[0].mlp.down_proj.dequantize())

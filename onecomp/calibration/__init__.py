@@ -1,8 +1,8 @@
 """Calibration text, token windows, and sequential capture of layer-input statistics."""
 
-from .capture import (BlockInputs, StatsCollector, capture_block, first_block_inputs, propagate, propagate_,
-                      run_block)
+from .capture import (BlockInputs, SequentialCapture, StatsCollector, capture_block, first_block_inputs, propagate,
+                      propagate_, run_block, stages_supported)
 from .corpus import calibration_windows, leading_windows, load_text, sample_windows, tokenize
 
-__all__ = ["BlockInputs", "StatsCollector", "capture_block", "first_block_inputs", "propagate", "propagate_",
+__all__ = ["BlockInputs", "SequentialCapture", "StatsCollector", "stages_supported", "capture_block", "first_block_inputs", "propagate", "propagate_",
            "run_block", "calibration_windows", "leading_windows", "load_text", "sample_windows", "tokenize"]

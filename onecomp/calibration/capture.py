@@ -189,3 +189,86 @@ def capture_block(block: nn.Module, groups: dict, q_inputs: BlockInputs, fp_inpu
         fp_X.clear()
     stats = {g: c.finish() for g, c in collectors.items()}
     return stats, (BlockInputs(fp_out, fp_inputs.kwargs) if fp_inputs is not None else None)
+
+
+#: decoder layers whose forward is ``h += self_attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))``,
+#: with ``o_proj`` the attention's last linear layer and ``down_proj`` the MLP's (checked in the tests)
+STAGED_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"})
+#: the input groups of such a block in execution order, by leader
+STAGE_LEADERS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+
+
+def stages_supported(block: nn.Module, groups: list) -> bool:
+    """True when ``SequentialCapture`` can run ``block``: a known Llama-style layer with the four input groups."""
+    return type(block).__name__ in STAGED_LAYERS and tuple(g[0] for g in groups) == STAGE_LEADERS
+
+
+def _input_of(module: nn.Module, run) -> torch.Tensor:
+    """The input ``module`` receives when ``run()`` is called; the rest of that computation is skipped."""
+    seen = []
+
+    def hook(m, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+class SequentialCapture:
+    """Layer-by-layer ("true sequential") capture of one Llama-style block on the quantized path.
+
+    ``stats(leader, needs)`` advances the block to the input of the next group and returns its
+    statistics; the caller quantizes that group before asking for the next one, so each group is
+    calibrated on what the already-quantized layers before it really produce. Intermediate results
+    are kept (the attention output until ``o_proj`` has run), so every linear layer runs once on
+    the calibration data, and ``gate_proj``/``up_proj`` twice: about 20% fewer block flops than a
+    statistics pass plus a propagation pass. ``finish()`` completes the block: the next block's
+    inputs, written over ``inputs`` in place.
+    """
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs):
+        self.block, self.inputs, self.stage = block, inputs, 0
+        self.attn_out: list = [None] * len(inputs.hidden)  # o_proj's input per batch, between stages 1 and 2
+
+    @torch.no_grad()
+    def stats(self, leader: str, needs) -> LayerStats | None:
+        k = STAGE_LEADERS.index(leader)
+        if k != self.stage:
+            raise RuntimeError(f"stage {leader!r} asked for out of order (next is {STAGE_LEADERS[self.stage]!r})")
+        collector = StatsCollector(needs, self.block.get_submodule(leader).in_features) if needs else None
+        for i, (h, kw) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs)):
+            X_hat = self._advance(k, i, h, kw)
+            if collector is not None:
+                collector.add(X_hat)
+        self.stage += 1
+        return collector.finish() if collector is not None else None
+
+    def _advance(self, k: int, i: int, h: torch.Tensor, kw: dict) -> torch.Tensor:
+        blk = self.block
+        if k == 0:
+            return blk.input_layernorm(h)
+        if k == 1:
+            a = _input_of(blk.self_attn.o_proj, lambda: blk.self_attn(hidden_states=blk.input_layernorm(h), **kw))
+            self.attn_out[i] = a
+            return a
+        if k == 2:  # the attention half is done: h becomes the residual stream after it
+            h.add_(blk.self_attn.o_proj(self.attn_out[i]))
+            self.attn_out[i] = None
+            return blk.post_attention_layernorm(h)
+        return _input_of(blk.mlp.down_proj, lambda: blk.mlp(blk.post_attention_layernorm(h)))
+
+    @torch.no_grad()
+    def finish(self) -> BlockInputs:
+        """Run the MLP half (every group quantized by now): the block's outputs, in place of its inputs."""
+        while self.stage < len(STAGE_LEADERS):  # groups nobody asked for still have to run
+            self.stats(STAGE_LEADERS[self.stage], ())
+        for h in self.inputs.hidden:
+            h.add_(self.block.mlp(self.block.post_attention_layernorm(h)))
+        return self.inputs

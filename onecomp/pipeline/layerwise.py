@@ -14,7 +14,7 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration import BlockInputs, capture_block, first_block_inputs, propagate_
+from ..calibration import BlockInputs, SequentialCapture, capture_block, first_block_inputs, propagate_, stages_supported
 from ..checkpoint import BlockStore, QuantLinear
 from ..components import LayerStats, LayerTask
 from .report import BlockReport, LayerReport
@@ -33,6 +33,7 @@ class LayerwiseContext:
     seed: int = 0
     progress: bool = True
     run_info: object = None
+    sequential: str = "layer"  # see CalibrationSection.sequential
 
 
 def _replace(model, name: str, module) -> None:
@@ -98,12 +99,13 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
             bar.update(1)
             continue
 
-        layer_reports, fp_out = _quantize_block(ctx, b, info, block, quantizers, q_in, fp_in)
+        staged = ctx.sequential == "layer" and fp_in is None and stages_supported(block, info.groups)
+        layer_reports, fp_out, q_out = _quantize_block(ctx, b, info, block, quantizers, q_in, fp_in, staged, last)
         done = {r.name: model.get_submodule(r.name) for r in layer_reports}
         store.save(b, done, {"layers": [attrs.asdict(r) for r in layer_reports]})
         reports += layer_reports
         if not last:
-            q_in = propagate_(block, q_in)
+            q_in = q_out if q_out is not None else propagate_(block, q_in)
         fp_in = fp_out
         if ctx.run_info is not None:
             registry.hook.on_block_done(run=ctx.run_info,
@@ -124,7 +126,7 @@ def _quantize_without_data(ctx, quantizers, store) -> dict:
             reports += _apply_saved(ctx, store, b)
             continue
         t0 = time.perf_counter()
-        layer_reports, _ = _quantize_block(ctx, b, info, blocks[b], quantizers, None, None)
+        layer_reports, _, _ = _quantize_block(ctx, b, info, blocks[b], quantizers, None, None)
         store.save(b, {r.name: ctx.model.get_submodule(r.name) for r in layer_reports},
                    {"layers": [attrs.asdict(r) for r in layer_reports]})
         reports += layer_reports
@@ -139,7 +141,12 @@ def _apply_saved(ctx, store, b) -> list:
     return [LayerReport(**r) for r in notes["layers"]]
 
 
-def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, fp_in: BlockInputs | None):
+def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, fp_in: BlockInputs | None,
+                    staged: bool = False, last: bool = False):
+    """Quantize one block's planned layers; returns (reports, fp-path outputs, quantized-path outputs).
+
+    ``staged``: calibrate group by group with ``SequentialCapture``, which also yields the block's
+    outputs on the quantized path (None otherwise, or for the ``last`` block: nothing reads them)."""
     registry = ctx.registry
     planned = {rel: ctx.plan[f"{info.prefix}.{rel}"] for rel in info.linears if f"{info.prefix}.{rel}" in ctx.plan}
     leaders, needs = {}, {}
@@ -156,10 +163,16 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, f
                     want |= set(r.needs)
         leaders[group[0]] = block.get_submodule(group[0])
         needs[group[0]] = want
-    stats, fp_out = capture_block(block, leaders, q_in, fp_in, needs) if q_in is not None else ({}, None)
+    if staged:
+        sequential = SequentialCapture(block, q_in)
+        stats, fp_out = {}, None
+    else:
+        stats, fp_out = capture_block(block, leaders, q_in, fp_in, needs) if q_in is not None else ({}, None)
 
     reports = []
     for group in info.groups:
+        if staged:
+            stats[group[0]] = sequential.stats(group[0], needs.get(group[0], ()))
         for rel in group:
             if rel not in planned:
                 continue
@@ -186,4 +199,4 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, f
             reports.append(rep)
             if ctx.run_info is not None:
                 registry.hook.on_layer_quantized(run=ctx.run_info, layer=rep)
-    return reports, fp_out
+    return reports, fp_out, (sequential.finish() if staged and not last else None)
