@@ -129,6 +129,8 @@ class CalibrationSection:
     # (Llama-style blocks without the 'cross' statistic); "block": one statistics pass per block on its
     # original weights (docs/config.md, [calibration])
     sequential: str = attrs.field(default="layer", validator=one_of("layer", "block"))
+    # layer mode: MiB of down_proj inputs kept per block instead of running gate/up a second time
+    keep_mb: float = attrs.field(default=256, validator=in_range(0, None))
 
 
 @attrs.define

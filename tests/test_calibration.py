@@ -251,9 +251,11 @@ def test_sequential_capture_with_nothing_changed_equals_the_block_pass(tiny_llam
         assert not m._forward_pre_hooks
 
 
-def test_sequential_capture_sees_the_layers_replaced_before_each_stage(tiny_llama):
+@pytest.mark.parametrize("keep_mb", [0, 0.02, 100])  # none, one batch (2 × 16 × 128 floats), all
+def test_sequential_capture_sees_the_layers_replaced_before_each_stage(tiny_llama, keep_mb):
     """True sequential: o_proj's statistics come from the already-changed q/k/v, down_proj's from the changed
-    gate/up, and the outputs from the fully changed block: each equals a fresh pass over the changed block."""
+    gate/up, and the outputs from the fully changed block: each equals a fresh pass over the changed block
+    (also when down_proj's inputs are kept from its stage instead of recomputed)."""
     blocks, inputs = _block_and_inputs(tiny_llama, seed=3)
     block = blocks[0]
     g = torch.Generator().manual_seed(0)
@@ -266,12 +268,14 @@ def test_sequential_capture_sees_the_layers_replaced_before_each_stage(tiny_llam
 
     groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
-    seq = SequentialCapture(block, inputs.clone())
+    seq = SequentialCapture(block, inputs.clone(), keep_mb=keep_mb)
     for leader, group in zip(LEADERS, groups):
         got = seq.stats(leader, {"hessian"})
         fresh, _ = capture_block(block, {leader: block.get_submodule(leader)}, inputs, None, {leader: {"hessian"}})
         torch.testing.assert_close(got.H, fresh[leader].H, rtol=1e-5, atol=1e-6)
         perturb(group)  # "quantize" the group before the next one is calibrated
+    kept = sum(m is not None for m in seq.mlp_mid)
+    assert kept == {0: 0, 0.02: 1, 100: 3}[keep_mb]
     out = seq.finish()
     for got, e in zip(out.hidden, propagate(block, inputs).hidden):
         torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)

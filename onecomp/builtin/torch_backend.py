@@ -24,11 +24,10 @@ def set_mmap_threshold(mb: int) -> bool:
     """Fix glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``); False where there is no glibc.
 
     glibc raises the threshold adaptively to the size of the largest freed block (up to 32 MiB), so
-    after the first batch the ~10–25 MiB activation tensors come from the heap, whose freed space
-    fragments and is never returned: resident memory then creeps up block after block. Measured on
-    SmolLM2-135M, GPTQ 4-bit g128 on the protocol: peak RSS 1365 MiB with a 1 MiB threshold against
-    1859 MiB with glibc's default, but the layer-wise stage took 586 s against 493 s (each freed
-    mapping is faulted in again). 0 chooses speed over memory."""
+    after the first batch the activation tensors come from the heap, whose freed space is kept and
+    reused but not returned: the resident high-water mark grows block after block. The fixed threshold
+    maps and unmaps each large tensor instead, which costs time, as every page is faulted in afresh.
+    Measured figures (SmolLM2-135M, GPTQ 4-bit g128, the protocol) are in docs/config.md, [backend]."""
     import ctypes
     import ctypes.util
 

@@ -34,6 +34,7 @@ class LayerwiseContext:
     progress: bool = True
     run_info: object = None
     sequential: str = "layer"  # see CalibrationSection.sequential
+    keep_mb: float = 256  # see CalibrationSection.keep_mb
 
 
 def _replace(model, name: str, module) -> None:
@@ -164,7 +165,7 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, f
         leaders[group[0]] = block.get_submodule(group[0])
         needs[group[0]] = want
     if staged:
-        sequential = SequentialCapture(block, q_in)
+        sequential = SequentialCapture(block, q_in, ctx.keep_mb)
         stats, fp_out = {}, None
     else:
         stats, fp_out = capture_block(block, leaders, q_in, fp_in, needs) if q_in is not None else ({}, None)

@@ -180,7 +180,8 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
             if scope == "layer":
                 ctx = LayerwiseContext(model, inspection, plan, [registry.create(s) for s in by_scope["layer"]],
                                        registry, calib, cfg.calibration.batch_size, work, cfg.seed, progress,
-                                       run_info, cfg.calibration.sequential)
+                                       run_info, cfg.calibration.sequential,
+                                       cfg.calibration.keep_mb)
                 details = run_layerwise(ctx)
             else:
                 details = _refine_stage(registry, spec, scope, model, cfg, inspection, calib, work, progress)
