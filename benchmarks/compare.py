@@ -70,7 +70,10 @@ TOOLS = {
                      "w4g128-iters2": {"bits": 4, "group_size": 128, "iters": 2}}},  # a quick harness check
     "gptqmodel": {
         "pip": ["gptqmodel"], "pip_args": ["--no-build-isolation"], "dists": ["gptqmodel", "transformers"],
-        "env": {"BUILD_CUDA_EXT": "0", "GPTQMODEL_BUILD_CUDA_EXT": "0", "CUDA_VISIBLE_DEVICES": ""},
+        "env": {"BUILD_CUDA_EXT": "0", "GPTQMODEL_BUILD_CUDA_EXT": "0", "CUDA_VISIBLE_DEVICES": "",
+                # its default CPU pool has (cores + 1) // 2 = 1 worker here, fewer than its own model
+                # loader pool asks for (2): "Virtual pool 'model_loader:cpu' requests 2 workers"
+                "GPTQMODEL_CPU_WORKERS": "2"},
         "settings": {"gptq-w4g128": {"bits": 4, "group_size": 128}, "gptq-w3g128": {"bits": 3, "group_size": 128}}},
     "hqq": {
         "pip": ["hqq"], "dists": ["hqq", "transformers"],

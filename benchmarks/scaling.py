@@ -43,7 +43,7 @@ def random_llama(hidden: int, blocks: int, root: Path) -> Path:
     tok = load_model("smollm2-135m").tokenizer
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
                       num_hidden_layers=blocks, num_attention_heads=hidden // 64,
-                      num_key_value_heads=max(1, hidden // 192), max_position_embeddings=1024,
+                      num_key_value_heads=(hidden // 64) // (3 if (hidden // 64) % 3 == 0 else 4), max_position_embeddings=1024,
                       tie_word_embeddings=True)
     torch.manual_seed(0)
     path = root / f"llama-h{hidden}-b{blocks}"
