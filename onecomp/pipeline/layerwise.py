@@ -83,6 +83,8 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
 
     if not need_fp and not any(q.needs for q in quantizers.values()) and not any(r.needs for r in ctx.refiners):
         return _quantize_without_data(ctx, quantizers, store)  # e.g. RTN: no activations at all
+    if need_fp and ctx.sequential == "layer" and ctx.progress:
+        tqdm.write("layer-wise: a component needs the 'cross' statistic (e.g. qep): calibrating block by block")
     q_in = first_block_inputs(model, blocks, ctx.windows, ctx.batch_size)
     fp_in = q_in.clone() if need_fp else None
     reports: list[LayerReport] = []
