@@ -41,10 +41,11 @@ def random_llama(hidden: int, blocks: int, root: Path) -> Path:
     from onecomp.models import load_model
 
     tok = load_model("smollm2-135m").tokenizer
+    heads = hidden // 64
+    kv_heads = heads // 3 if heads % 3 == 0 else heads // 4  # must divide heads: 9 → 3, 16 → 4, 32 → 8
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
-                      num_hidden_layers=blocks, num_attention_heads=hidden // 64,
-                      num_key_value_heads=(hidden // 64) // (3 if (hidden // 64) % 3 == 0 else 4), max_position_embeddings=1024,
-                      tie_word_embeddings=True)
+                      num_hidden_layers=blocks, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      max_position_embeddings=1024, tie_word_embeddings=True)
     torch.manual_seed(0)
     path = root / f"llama-h{hidden}-b{blocks}"
     LlamaForCausalLM(cfg).save_pretrained(path)
@@ -93,7 +94,7 @@ def table() -> str:
              "tokens × hidden × 4 bytes). The default layer-by-layer calibration also keeps one such copy of the "
              "attention output and up to `calibration.keep_mb` (256) MiB of down_proj inputs; these, and the "
              "model, are what grow with the calibration size and the width. *peak RSS − model* takes out the fp32 "
-             "model (decoder linears plus the tied embedding); with the depth it stays nearly flat. Random points "
+             "model (decoder linears plus the tied embedding). Random points "
              "build and save their model in the same process first.",
              "", "| point | hidden | blocks | calibration windows | quantized weights | time (s) | s per block "
              "| activations (MiB) | peak RSS (MiB) | fp32 model (MiB) | peak RSS − model (MiB) |",
@@ -101,11 +102,11 @@ def table() -> str:
     for k in sorted(data, key=lambda k: (data[k].get("hidden", 576), data[k].get("blocks", 30),
                                           data[k]["samples"])):
         r = data[k]
-        hidden, blocks = r.get("hidden", 576), r.get("blocks", 30)
+        hidden, blocks, model = r.get("hidden", 576), r.get("blocks", 30), model_mb(r)
         lines.append(f"| {k} | {hidden} | {blocks} | {r['samples']} | {fmt(r.get('weights'))} | "
                      f"{fmt(r['seconds'], 0)} | {fmt(r['seconds'] / blocks, 1)} | "
                      f"{fmt(r['samples'] * 512 * hidden * 4 / 2**20, 0)} | {fmt(r['peak_rss_mb'], 0)} | "
-                     f"{fmt(model_mb(r), 0)} | {fmt(r['peak_rss_mb'] - model_mb(r), 0)} |")
+                     f"{fmt(model, 0)} | {fmt(r['peak_rss_mb'] - model, 0)} |")
     text = "\n".join(lines) + "\n"
     (RESULTS / "scaling.md").write_text(text)
     return text

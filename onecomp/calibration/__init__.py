@@ -4,5 +4,6 @@ from .capture import (BlockInputs, SequentialCapture, StatsCollector, capture_bl
                       propagate_, run_block, stages_supported)
 from .corpus import calibration_windows, leading_windows, load_text, sample_windows, tokenize
 
-__all__ = ["BlockInputs", "SequentialCapture", "StatsCollector", "stages_supported", "capture_block", "first_block_inputs", "propagate", "propagate_",
-           "run_block", "calibration_windows", "leading_windows", "load_text", "sample_windows", "tokenize"]
+__all__ = ["BlockInputs", "SequentialCapture", "StatsCollector", "capture_block", "first_block_inputs", "propagate",
+           "propagate_", "run_block", "stages_supported", "calibration_windows", "leading_windows", "load_text",
+           "sample_windows", "tokenize"]
