@@ -30,6 +30,11 @@ def q(name, **kw):
 BLOCKWISE = {"name": "blockwise", "samples": 32, "epochs": 4, "lr": 5e-3, "lr_discrete": 2e-2}
 GLOBAL = {"name": "global", "samples": 32, "epochs": 1, "lr": 1e-3, "lr_discrete": 5e-3}
 
+def binary(kind: str, bpw: float) -> dict:
+    """DBF (one term, rank-1 envelopes) or MDBF with the plugin's defaults, at ``bpw``."""
+    return q("mdbf", target_bpw=bpw, **({"envelope_rank": 1, "terms": 1} if kind == "dbf" else {}))
+
+
 SETTINGS = {
     # round to nearest (no calibration data)
     "rtn-w4g128": {"quantizer": q("rtn", bits=4, group_size=128)},
@@ -79,6 +84,7 @@ SETTINGS = {
     "mdbf-l2-1.0": {"quantizer": q("mdbf", target_bpw=1.0, envelope_rank=2, terms=1)},
     "mdbf-l2-1.5": {"quantizer": q("mdbf", target_bpw=1.5, envelope_rank=2, terms=1)},
     "mdbf-l2-2.0": {"quantizer": q("mdbf", target_bpw=2.0, envelope_rank=2, terms=1)},
+    "mdbf-1.0": {"quantizer": q("mdbf", target_bpw=1.0)},
     "mdbf-1.5": {"quantizer": q("mdbf", target_bpw=1.5)},
     # training refiners after the pivot (issue 7): every stage is a row. On 2 CPU cores the spec's
     # defaults (all 128 windows, 10 and 5 epochs) take hours, so these use a calibration subset.
@@ -92,10 +98,11 @@ SETTINGS = {
     # observer, so both rows report sign flips. Sign latents start at ±1: steps of 0.05 never flip
     # one in 2 epochs; at 0.1 unchecked flips raised the first blocks' loss 6–79× (tuned on the
     # first 3 blocks of the mdbf-1.5 pivot), which is what signlock is meant to prevent
-    **{f"mdbf-{b}+blockwise{tag}": {"quantizer": q("mdbf", target_bpw=float(b)),
-                                   "refiners": [{**BLOCKWISE, "epochs": 2, "lr_discrete": 0.1,
-                                                 "normalize": "token", "regularizers": [reg]}]}
-       for b in ("1.5", "2.0")
+    # (the dbf rows refine DBF, one term with rank-1 envelopes, the same way)
+    **{f"{kind}-{b}+blockwise{tag}": {"quantizer": binary(kind, float(b)),
+                                     "refiners": [{**BLOCKWISE, "epochs": 2, "lr_discrete": 0.1,
+                                                   "normalize": "token", "regularizers": [reg]}]}
+       for kind in ("dbf", "mdbf") for b in ("1.0", "1.5", "2.0")
        for tag, reg in (("", {"name": "signlock", "strength": 0.0}), ("+signlock", {"name": "signlock"}))},
     # envelopes (and scales) only: sign latents stay as fitted, per-token or block-relative objective
     **{f"mdbf-{b}+blockwise-envelopes{tag}": {"quantizer": q("mdbf", target_bpw=float(b)),

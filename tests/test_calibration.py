@@ -7,6 +7,7 @@ from onecomp import ConfigError
 from onecomp.calibration import (SequentialCapture, StatsCollector, calibration_windows, capture_block,
                                  first_block_inputs, leading_windows, propagate, propagate_, sample_windows,
                                  stages_supported)
+from onecomp.calibration.capture import _input_of, run_block
 from onecomp.config import CorpusSpec
 from onecomp.models import inspect_model
 from onecomp.models.inspect import find_blocks
@@ -279,6 +280,42 @@ def test_sequential_capture_sees_the_layers_replaced_before_each_stage(tiny_llam
     out = seq.finish()
     for got, e in zip(out.hidden, propagate(block, inputs).hidden):
         torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep_mb", [0, 100])
+def test_sequential_capture_with_an_fp_copy_gives_cross_of_both_paths(tiny_llama, keep_mb):
+    """The fp path (for QEP's ``cross``) runs an unchanged copy beside the changed block: each stage's
+    ``cross`` is (X − X̂)ᵀX̂ of a fresh fp pass and a fresh pass over the changed block, its Hessian is the
+    quantized path's alone, and ``fp.finish()`` gives the unchanged block's outputs."""
+    import copy
+
+    blocks, inputs = _block_and_inputs(tiny_llama, seed=6)
+    block = blocks[0]
+    fp_block = copy.deepcopy(block)
+    g = torch.Generator().manual_seed(1)
+    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    seq = SequentialCapture(block, inputs.clone(), keep_mb, fp_block, inputs.clone())
+    for leader, group in zip(LEADERS, groups):
+        got = seq.stats(leader, {"hessian", "cross"})
+        d = block.get_submodule(leader).in_features
+        X_hat, X = (torch.cat([_input_of(b.get_submodule(leader), lambda: run_block(b, h, kw)).reshape(-1, d)
+                               for h, kw in zip(inputs.hidden, inputs.kwargs)]) for b in (block, fp_block))
+        n = X_hat.shape[0]
+        torch.testing.assert_close(got.cross, 2 / n * (X - X_hat).T @ X_hat, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.H, 2 / n * X_hat.T @ X_hat, rtol=1e-4, atol=1e-5)
+        assert (leader == "self_attn.q_proj") == bool(got.cross.abs().max() == 0)  # paths part after q/k/v change
+        with torch.no_grad():
+            for name in group:
+                w = block.get_submodule(name).weight
+                w.add_(0.2 * w.abs().mean() * torch.randn(w.shape, generator=g))
+    out, fp_out = seq.finish(), seq.fp.finish()
+    for got, e in zip(out.hidden, propagate(block, inputs).hidden):
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)
+    for got, e in zip(fp_out.hidden, propagate(fp_block, inputs).hidden):
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="go together"):
+        SequentialCapture(block, inputs, 0, fp_block, None)
 
 
 def test_sequential_capture_runs_stages_in_order_and_finish_runs_the_rest(tiny_llama):

@@ -29,9 +29,9 @@ def test_inspection_of_the_embedded_model(smollm):
                                      ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
-def _run(tmp_path, name, quantizer, refiners=(), sequential="layer"):
+def _run(tmp_path, name, quantizer, refiners=()):
     cfg = {"model": {"id": "smollm2-135m"},
-           "calibration": {"corpus": "kjv", "samples": 16, "seq_len": 256, "sequential": sequential},
+           "calibration": {"corpus": "kjv", "samples": 16, "seq_len": 256},
            "plan": {"quantizer": quantizer}, "refiners": list(refiners),
            "evaluation": {"texts": ["kjv-gospels", "pydoc-topics"], "windows": 8, "seq_len": 512, "before": False},
            "output": {"dir": str(tmp_path / name)}}
@@ -44,9 +44,6 @@ def three_bit(tmp_path_factory):
     return {
         "rtn": _run(tmp, "rtn", {"name": "rtn", "bits": 3, "group_size": 128}),
         "gptq": _run(tmp, "gptq", {"name": "gptq", "bits": 3, "group_size": 128}),
-        # QEP needs the fp path's inputs of every group at once, so it calibrates block by block: its
-        # baseline is GPTQ calibrated the same way
-        "gptq-block": _run(tmp, "gptq-block", {"name": "gptq", "bits": 3, "group_size": 128}, sequential="block"),
         "gptq+qep": _run(tmp, "qep", {"name": "gptq", "bits": 3, "group_size": 128}, [{"name": "qep"}]),
     }
 
@@ -57,7 +54,10 @@ def test_gptq_beats_rtn_at_3_bits_on_the_real_model(three_bit):
 
 
 def test_qep_improves_gptq_at_3_bits_on_the_real_model(three_bit):
-    assert three_bit["gptq+qep"]["ppl"]["kjv-gospels"] < three_bit["gptq-block"]["ppl"]["kjv-gospels"]
+    """Both calibrated layer by layer (QEP's fp path runs stage by stage beside the quantized one); measured
+    23.38 / 57.65 against GPTQ's 28.40 / 72.15 on this small calibration set."""
+    for text in ("kjv-gospels", "pydoc-topics"):
+        assert three_bit["gptq+qep"]["ppl"][text] < three_bit["gptq"]["ppl"][text]
 
 
 def test_checkpoint_reloads_with_the_same_perplexity(three_bit, smollm):

@@ -232,11 +232,21 @@ class SequentialCapture:
     statistics pass plus a propagation pass. With ``keep_mb``, up to that many MiB of ``down_proj``'s
     inputs are kept too, and gate/up are not run again for those batches. ``finish()`` completes the
     block: the next block's inputs, written over ``inputs`` in place.
+
+    For the ``cross`` statistic (QEP), pass ``fp_block``, an unquantized copy of the block taken
+    before any of its layers is replaced, and ``fp_inputs``, the fp path's inputs: that path is
+    advanced stage by stage beside the quantized one (``keep_mb`` is split between the two), so X
+    and X̂ of each group are seen together, and ``fp.finish()`` gives the fp path's outputs.
     """
 
-    def __init__(self, block: nn.Module, inputs: BlockInputs, keep_mb: float = 0):
+    def __init__(self, block: nn.Module, inputs: BlockInputs, keep_mb: float = 0,
+                 fp_block: nn.Module | None = None, fp_inputs: BlockInputs | None = None):
+        if (fp_block is None) != (fp_inputs is None):
+            raise ValueError("fp_block and fp_inputs go together")
         self.block, self.inputs, self.stage = block, inputs, 0
-        self.keep_bytes = keep_mb * 2**20
+        share = 2 if fp_block is not None else 1
+        self.keep_bytes = keep_mb * 2**20 / share
+        self.fp = SequentialCapture(fp_block, fp_inputs, keep_mb / share) if fp_block is not None else None
         self.attn_out: list = [None] * len(inputs.hidden)  # o_proj's input per batch, between stages 1 and 2
         self.mlp_mid: list = [None] * len(inputs.hidden)  # down_proj's input per batch, within keep_mb
 
@@ -246,11 +256,15 @@ class SequentialCapture:
         if k != self.stage:
             raise RuntimeError(f"stage {leader!r} asked for out of order (next is {STAGE_LEADERS[self.stage]!r})")
         collector = StatsCollector(needs, self.block.get_submodule(leader).in_features) if needs else None
+        fp = self.fp
         for i, (h, kw) in enumerate(zip(self.inputs.hidden, self.inputs.kwargs)):
             X_hat = self._advance(k, i, h, kw)
+            X = fp._advance(k, i, fp.inputs.hidden[i], fp.inputs.kwargs[i]) if fp is not None else None
             if collector is not None:
-                collector.add(X_hat)
+                collector.add(X_hat, X)
         self.stage += 1
+        if fp is not None:
+            fp.stage += 1
         return collector.finish() if collector is not None else None
 
     def _advance(self, k: int, i: int, h: torch.Tensor, kw: dict) -> torch.Tensor:

@@ -6,6 +6,7 @@ on resume, saved blocks are re-applied and only the activations are recomputed.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -83,8 +84,6 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
 
     if not need_fp and not any(q.needs for q in quantizers.values()) and not any(r.needs for r in ctx.refiners):
         return _quantize_without_data(ctx, quantizers, store)  # e.g. RTN: no activations at all
-    if need_fp and ctx.sequential == "layer" and ctx.progress:
-        tqdm.write("layer-wise: a component needs the 'cross' statistic (e.g. qep): calibrating block by block")
     q_in = first_block_inputs(model, blocks, ctx.windows, ctx.batch_size)
     fp_in = q_in.clone() if need_fp else None
     reports: list[LayerReport] = []
@@ -102,7 +101,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
             bar.update(1)
             continue
 
-        staged = ctx.sequential == "layer" and fp_in is None and stages_supported(block, info.groups)
+        staged = ctx.sequential == "layer" and stages_supported(block, info.groups)
         layer_reports, fp_out, q_out = _quantize_block(ctx, b, info, block, quantizers, q_in, fp_in, staged, last)
         done = {r.name: model.get_submodule(r.name) for r in layer_reports}
         store.save(b, done, {"layers": [attrs.asdict(r) for r in layer_reports]})
@@ -166,8 +165,9 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, f
                     want |= set(r.needs)
         leaders[group[0]] = block.get_submodule(group[0])
         needs[group[0]] = want
-    if staged:
-        sequential = SequentialCapture(block, q_in, ctx.keep_mb)
+    if staged:  # the fp path (for `cross`) runs an unquantized copy of the block, taken before any layer is replaced
+        fp_block = copy.deepcopy(block) if fp_in is not None else None
+        sequential = SequentialCapture(block, q_in, ctx.keep_mb, fp_block, fp_in)
         stats, fp_out = {}, None
     else:
         stats, fp_out = capture_block(block, leaders, q_in, fp_in, needs) if q_in is not None else ({}, None)
@@ -202,4 +202,7 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, f
             reports.append(rep)
             if ctx.run_info is not None:
                 registry.hook.on_layer_quantized(run=ctx.run_info, layer=rep)
-    return reports, fp_out, (sequential.finish() if staged and not last else None)
+    if staged and not last:  # the quantized path first: it also advances the fp path through groups nobody asked for
+        q_out = sequential.finish()
+        return reports, (sequential.fp.finish() if sequential.fp is not None else None), q_out
+    return reports, fp_out, None
