@@ -16,8 +16,10 @@ SHOWN = ["rtn-w4g128", "gptq-w4g128-shrink0", "gptq-w4g128-damp1", "gptq-w4g128-
          "gptq+qep-w4g128", "rtn-w3g128", "gptq-w3g128", "gptq+qep-w3g128",
          "rtn-w3pc", "gptq-w3pc", "gptq+qep-w3pc", "rtn-w2g64", "gptq-w2g64", "gptq+qep-w2g64",
          "gptq-w3g128+blockwise+global", "dbf-1.0", "dbf-1.5", "dbf-2.0", "mdbf-l2-1.0", "mdbf-l2-1.5",
-         "mdbf-1.5", "mdbf-2.0", "mdbf-1.5+blockwise", "mdbf-1.5+blockwise+signlock", "mdbf-2.0+blockwise",
-         "mdbf-2.0+blockwise+signlock", "mdbf-2.0+blockwise-envelopes"]
+         "mdbf-l2-2.0", "mdbf-1.0", "mdbf-1.5", "mdbf-2.0", "dbf-1.0+blockwise+signlock",
+         "dbf-1.5+blockwise+signlock", "dbf-2.0+blockwise+signlock", "mdbf-1.0+blockwise+signlock",
+         "mdbf-1.5+blockwise", "mdbf-1.5+blockwise+signlock", "mdbf-2.0+blockwise", "mdbf-2.0+blockwise+signlock",
+         "mdbf-2.0+blockwise-envelopes"]
 
 
 def section() -> str:
@@ -71,12 +73,54 @@ def peer_section() -> list[str]:
     return lines
 
 
+MDBF_README = Path(__file__).parent.parent / "plugins" / "onecomp-mdbf" / "README.md"
+#: the binary rows of the MDBF README: (label, layer-wise row, prefix of its block-wise rows)
+BINARY = [(f"{label} {b}", f"{key}-{b}", f"{key}-{b}+blockwise+signlock")
+          for key, label in (("dbf", "DBF (l = 1, P = 1)"), ("mdbf", "MDBF defaults (l = 1, P = 2)"),
+                             ("mdbf-l2", "MDBF l = 2, P = 1"))
+          for b in ("1.0", "1.5", "2.0")]
+
+
+def binary_section() -> str:
+    """DBF and MDBF at 1.0 / 1.5 / 2.0 bits: the layer-wise row and, where run, block-wise + signlock after it."""
+    quality = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").exists() else {}
+    lines = ["| format, target bpw | bits/weight | layer-wise ppl gospels / pydoc | time (s) | peak RSS (MiB) | "
+             "+ blockwise + signlock ppl gospels / pydoc | blockwise time (s) | sign flips |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, key, refined in BINARY:
+        if key not in quality:
+            lines.append(f"| {label} | not run | | | | | | |")
+            continue
+        r = quality[key]
+        row = (f"| {label} | {fmt(r['bits_per_weight'], 3)} | {fmt(r['ppl'][TEXTS[0]])} / {fmt(r['ppl'][TEXTS[1]])} | "
+               f"{fmt(r['quant_seconds'], 0)} | {fmt(r['peak_rss_mb'], 0)} |")
+        stages = quality.get(refined, {}).get("stages", [])
+        if len(stages) > 1:
+            st = stages[1]
+            rate = flips(st).removeprefix(", sign flips ") or "–"
+            row += f" {fmt(st['ppl'][TEXTS[0]])} / {fmt(st['ppl'][TEXTS[1]])} | {fmt(st['seconds'], 0)} | {rate} |"
+        else:
+            row += " – | – | – |"
+        lines.append(row)
+    lines += ["", "Generated from `benchmarks/results/quality.json` by `python benchmarks/readme_results.py`; "
+              "notes per row (load on the 2 cores, how the time splits) are in "
+              "[quality.md](../../benchmarks/results/quality.md)."]
+    return "\n".join(lines)
+
+
+def _rewrite(path: Path, body: str) -> None:
+    text = path.read_text()
+    if "<!-- results:start -->" not in text:
+        raise SystemExit(f"{path}: no <!-- results:start --> … <!-- results:end --> markers")
+    path.write_text(re.sub(r"<!-- results:start -->.*<!-- results:end -->",
+                           lambda _: f"<!-- results:start -->\n{body}\n<!-- results:end -->", text, flags=re.S))
+
+
 def main():
-    text = README.read_text()
-    new = re.sub(r"<!-- results:start -->.*<!-- results:end -->",
-                 lambda _: f"<!-- results:start -->\n{section()}\n<!-- results:end -->", text, flags=re.S)
-    README.write_text(new)
+    _rewrite(README, section())
+    _rewrite(MDBF_README, binary_section())
     print(section())
+    print(binary_section())
 
 
 if __name__ == "__main__":
