@@ -235,18 +235,18 @@ class SequentialCapture:
 
     For the ``cross`` statistic (QEP), pass ``fp_block``, an unquantized copy of the block taken
     before any of its layers is replaced, and ``fp_inputs``, the fp path's inputs: that path is
-    advanced stage by stage beside the quantized one (``keep_mb`` is split between the two), so X
-    and X̂ of each group are seen together, and ``fp.finish()`` gives the fp path's outputs.
+    advanced stage by stage beside the quantized one, so X and X̂ of each group are seen together,
+    and ``fp.finish()`` gives the fp path's outputs. Its weights never change (``fixed``), so each
+    of its batches is completed as soon as ``down_proj``'s input is known: nothing kept, nothing rerun.
     """
 
     def __init__(self, block: nn.Module, inputs: BlockInputs, keep_mb: float = 0,
-                 fp_block: nn.Module | None = None, fp_inputs: BlockInputs | None = None):
+                 fp_block: nn.Module | None = None, fp_inputs: BlockInputs | None = None, fixed: bool = False):
         if (fp_block is None) != (fp_inputs is None):
             raise ValueError("fp_block and fp_inputs go together")
-        self.block, self.inputs, self.stage = block, inputs, 0
-        share = 2 if fp_block is not None else 1
-        self.keep_bytes = keep_mb * 2**20 / share
-        self.fp = SequentialCapture(fp_block, fp_inputs, keep_mb / share) if fp_block is not None else None
+        self.block, self.inputs, self.stage, self.fixed = block, inputs, 0, fixed
+        self.keep_bytes = keep_mb * 2**20
+        self.fp = SequentialCapture(fp_block, fp_inputs, fixed=True) if fp_block is not None else None
         self.attn_out: list = [None] * len(inputs.hidden)  # o_proj's input per batch, between stages 1 and 2
         self.mlp_mid: list = [None] * len(inputs.hidden)  # down_proj's input per batch, within keep_mb
 
@@ -280,6 +280,9 @@ class SequentialCapture:
             self.attn_out[i] = None
             return blk.post_attention_layernorm(h)
         m = _input_of(blk.mlp.down_proj, lambda: blk.mlp(blk.post_attention_layernorm(h)))
+        if self.fixed:  # down_proj will not change: this batch's output is final now
+            h.add_(blk.mlp.down_proj(m))
+            return m
         if self.keep_bytes >= m.nbytes:  # kept: finish() then skips gate/up for this batch
             self.keep_bytes -= m.nbytes
             self.mlp_mid[i] = m
@@ -290,6 +293,8 @@ class SequentialCapture:
         """Run the MLP half (every group quantized by now): the block's outputs, in place of its inputs."""
         while self.stage < len(STAGE_LEADERS):  # groups nobody asked for still have to run
             self.stats(STAGE_LEADERS[self.stage], ())
+        if self.fixed:  # every batch was completed at the down_proj stage
+            return self.inputs
         for i, h in enumerate(self.inputs.hidden):
             if self.mlp_mid[i] is not None:
                 h.add_(self.block.mlp.down_proj(self.mlp_mid[i]))
