@@ -120,7 +120,7 @@ def test_gptq_qep_pipeline_runs_and_qep_sees_two_paths(tiny_model_dir, tmp_path)
     assert json.loads((out / "01-layerwise" / "onecomp.json").read_text())["config"]["refiners"][0]["name"] == "qep"
 
 
-def _layerwise(model, registry, tmp_path, windows, sequential="layer"):
+def _layerwise(model, registry, tmp_path, windows, sequential="layer", refiners=()):
     from onecomp.models import inspect_model
     from onecomp.pipeline.layerwise import LayerwiseContext, run_layerwise
 
@@ -128,8 +128,9 @@ def _layerwise(model, registry, tmp_path, windows, sequential="layer"):
     spec = registry.resolve("quantizer", {"name": "gptq", "bits": 4, "group_size": 32}, "plan.quantizer")
     planner = registry.create(registry.resolve("planner", "uniform", "plan.planner"))
     plan = planner.plan(insp, spec, registry)
-    run_layerwise(LayerwiseContext(model, insp, plan, [], registry, windows, 2, tmp_path / "work", progress=False,
-                                   sequential=sequential))
+    layer_refiners = [registry.create(registry.resolve("refiner", r, "refiners")) for r in refiners]
+    run_layerwise(LayerwiseContext(model, insp, plan, layer_refiners, registry, windows, 2, tmp_path / "work",
+                                   progress=False, sequential=sequential))
     return plan
 
 
@@ -187,6 +188,27 @@ def test_layerwise_does_not_propagate_past_the_last_block(tiny_llama, registry, 
     blocks = list(tiny_llama.model.layers)
     assert calls == ({"propagate": [], "finish": blocks[:-1]} if sequential == "layer"
                      else {"propagate": blocks[:-1], "finish": []})
+
+
+def test_layer_mode_with_qep_runs_both_paths_in_stages(tiny_llama, registry, tmp_path, calib_batch, monkeypatch):
+    """QEP's ``cross`` needs the fp path: layer mode advances it stage by stage on an fp copy of each block, so
+    no block-by-block statistics pass and no propagation run, and every block but the last finishes both paths."""
+    import onecomp.pipeline.layerwise as lw
+
+    calls = {"propagate": 0, "capture_block": 0, "finish": 0, "fixed": 0}
+    real_finish = lw.SequentialCapture.finish
+    monkeypatch.setattr(lw, "propagate_", lambda *a: calls.__setitem__("propagate", calls["propagate"] + 1))
+    monkeypatch.setattr(lw, "capture_block", lambda *a: calls.__setitem__("capture_block", calls["capture_block"] + 1))
+
+    def finish(self):
+        calls["finish"] += 1
+        calls["fixed"] += self.fixed
+        return real_finish(self)
+
+    monkeypatch.setattr(lw.SequentialCapture, "finish", finish)
+    _layerwise(tiny_llama, registry, tmp_path, calib_batch, "layer", refiners=[{"name": "qep"}])
+    n = len(tiny_llama.model.layers)
+    assert calls == {"propagate": 0, "capture_block": 0, "finish": 2 * (n - 1), "fixed": n - 1}
 
 
 def test_layer_and_block_calibration_agree_on_block_0_q_k_v(tiny_llama, registry, tmp_path, calib_batch):
