@@ -88,13 +88,17 @@ def binary_section() -> str:
              "+ blockwise + signlock ppl gospels / pydoc | blockwise time (s) | sign flips |",
              "|---|---|---|---|---|---|---|---|"]
     for label, key, refined in BINARY:
-        if key not in quality:
+        stages = quality.get(refined, {}).get("stages", [])
+        if len(stages) > 1:  # the block-wise run's own first stage: the checkpoint its second stage refined
+            r = {"bits_per_weight": stages[0]["bits_per_weight"], "ppl": stages[0]["ppl"],
+                 "quant_seconds": stages[0]["seconds"], "peak_rss_mb": stages[0]["peak_rss_mb"]}
+        elif key in quality:
+            r = quality[key]
+        else:
             lines.append(f"| {label} | not run | | | | | | |")
             continue
-        r = quality[key]
         row = (f"| {label} | {fmt(r['bits_per_weight'], 3)} | {fmt(r['ppl'][TEXTS[0]])} / {fmt(r['ppl'][TEXTS[1]])} | "
                f"{fmt(r['quant_seconds'], 0)} | {fmt(r['peak_rss_mb'], 0)} |")
-        stages = quality.get(refined, {}).get("stages", [])
         if len(stages) > 1:
             st = stages[1]
             rate = flips(st).removeprefix(", sign flips ") or "–"
@@ -102,8 +106,10 @@ def binary_section() -> str:
         else:
             row += " – | – | – |"
         lines.append(row)
-    lines += ["", "Generated from `benchmarks/results/quality.json` by `python benchmarks/readme_results.py`; "
-              "notes per row (load on the 2 cores, how the time splits) are in "
+    lines += ["", "Where a block-wise row exists, the layer-wise columns are its own first stage (the checkpoint the "
+              "block-wise stage refined), which can differ a little from the standalone layer-wise row run in an "
+              "earlier session. Generated from `benchmarks/results/quality.json` by "
+              "`python benchmarks/readme_results.py`; notes per row (load on the 2 cores, how the time splits) are in "
               "[quality.md](../../benchmarks/results/quality.md)."]
     return "\n".join(lines)
 
