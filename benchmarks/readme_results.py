@@ -107,8 +107,8 @@ def binary_section() -> str:
             row += " – | – | – |"
         lines.append(row)
     lines += ["", "Where a block-wise row exists, the layer-wise columns are its own first stage (the checkpoint the "
-              "block-wise stage refined), which can differ a little from the standalone layer-wise row run in an "
-              "earlier session. Generated from `benchmarks/results/quality.json` by "
+              "block-wise stage refined), which can differ from the standalone layer-wise row in quality.md (an "
+              "earlier session, calibrated block by block; at these bits ppl is very sensitive). Generated from `benchmarks/results/quality.json` by "
               "`python benchmarks/readme_results.py`; notes per row (load on the 2 cores, how the time splits) are in "
               "[quality.md](../../benchmarks/results/quality.md)."]
     return "\n".join(lines)
