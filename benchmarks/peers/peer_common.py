@@ -166,7 +166,19 @@ def stored_bits(out_dir: Path, model_dir: str) -> dict:
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Unpack 32/bits values per int32 word along ``dim`` (GPTQ layout, low bits first)."""
+    """Unpack ``bits``-bit values from int32 words along ``dim`` (GPTQ layout, low bits first). When 32 is
+    not a multiple of ``bits`` (3-bit), the words along ``dim`` form one LSB-first bit stream and a value
+    may span two words."""
+    if 32 % bits:
+        p = packed.to(torch.int64) & 0xFFFFFFFF
+        p = p if dim == 0 else p.T
+        count = p.shape[0] * 32 // bits
+        start = torch.arange(count) * bits
+        word, offset = start // 32, start % 32
+        nxt = (word + 1).clamp(max=p.shape[0] - 1)
+        value = (p[word] >> offset[:, None]) | (p[nxt] << (32 - offset)[:, None])
+        value = (value & ((1 << bits) - 1)).to(torch.int32)
+        return value if dim == 0 else value.T
     per = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
     p = packed.to(torch.int32)
@@ -182,8 +194,6 @@ def dequantize_gptq_into(model, out: Path, bits: int) -> dict:
     gptq = v1, stored zero - 1; gptq_v2 = as is) comes from the checkpoint's quantization config."""
     from safetensors.torch import load_file
 
-    if 32 % bits:
-        raise NotImplementedError(f"{bits}-bit GPTQ packing spans int32 words; unpacking not written")
     config = {}
     for name in ("config.json", "quantize_config.json", "quant_config.json"):
         if (out / name).exists():
