@@ -7,13 +7,16 @@
 The model keeps only its first ``--blocks`` decoder layers (the per-block cost is what matters; memory
 does not grow with depth, see results/scaling.md); calibration is the protocol's 128 × 512 KJV tokens
 and evaluation 8 windows of the KJV gospels. Prints the share of the run's wall time spent in each part
-(cumulative time of the functions that implement it) and cProfile's top entries.
+(cumulative time of the functions that implement it) and cProfile's top entries. The parts are matched
+by function name, so they can overlap a little (``finish`` also counts StatsCollector.finish, and the
+stages it runs for groups nobody asked for).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import pstats
 import sys
 import tempfile
@@ -45,8 +48,6 @@ def main():
     p.add_argument("--sequential", choices=["layer", "block"], default="layer")
     p.add_argument("--top", type=int, default=15)
     args = p.parse_args()
-
-    import importlib
 
     import onecomp
 

@@ -30,6 +30,7 @@ def q(name, **kw):
 BLOCKWISE = {"name": "blockwise", "samples": 32, "epochs": 4, "lr": 5e-3, "lr_discrete": 2e-2}
 GLOBAL = {"name": "global", "samples": 32, "epochs": 1, "lr": 1e-3, "lr_discrete": 5e-3}
 
+
 def binary(kind: str, bpw: float) -> dict:
     """DBF (one term, rank-1 envelopes) or MDBF with the plugin's defaults, at ``bpw``."""
     return q("mdbf", target_bpw=bpw, **({"envelope_rank": 1, "terms": 1} if kind == "dbf" else {}))

@@ -74,7 +74,7 @@ def peer_section() -> list[str]:
 
 
 MDBF_README = Path(__file__).parent.parent / "plugins" / "onecomp-mdbf" / "README.md"
-#: the binary rows of the MDBF README: (label, layer-wise row, prefix of its block-wise rows)
+#: the binary rows of the MDBF README: (label, layer-wise row, its block-wise + signlock row)
 BINARY = [(f"{label} {b}", f"{key}-{b}", f"{key}-{b}+blockwise+signlock")
           for key, label in (("dbf", "DBF (l = 1, P = 1)"), ("mdbf", "MDBF defaults (l = 1, P = 2)"),
                              ("mdbf-l2", "MDBF l = 2, P = 1"))
@@ -108,8 +108,8 @@ def binary_section() -> str:
         lines.append(row)
     lines += ["", "Where a block-wise row exists, the layer-wise columns are its own first stage (the checkpoint the "
               "block-wise stage refined), which can differ from the standalone layer-wise row in quality.md (an "
-              "earlier session, calibrated block by block; at these bits ppl is very sensitive). Generated from `benchmarks/results/quality.json` by "
-              "`python benchmarks/readme_results.py`; notes per row (load on the 2 cores, how the time splits) are in "
+              "earlier session, calibrated block by block; at these bits ppl is very sensitive). Generated from "
+              "`benchmarks/results/quality.json` by `python benchmarks/readme_results.py`; notes per row (load on the 2 cores, how the time splits) are in "
               "[quality.md](../../benchmarks/results/quality.md)."]
     return "\n".join(lines)
 
