@@ -3,7 +3,7 @@
 Calibration goes in as a list of ``[1, seq_len]`` token tensors (our windows, in order): auto-round then
 skips its dataset loading and tokenisation (no BOS is added to a tensor). auto-round itself masks the
 last token of every window out of its attention mask and its loss (its workaround, left as is).
-Defaults of the release otherwise (``iters`` from the setting, 200 by default), symmetric int, the given
+Defaults of the release otherwise (``iters`` and ``lr`` from the setting when given: 200 and 1/iters by default), symmetric int, the given
 group size; output saved with ``save_quantized(format="auto_gptq")`` (packed int32 codes, fp16 scales,
 packed zeros, g_idx) whose tensors give the bits per weight. ppl: the in-memory model after
 ``quantize()``, whose linear weights auto-round has replaced with the quantized-dequantized values.
@@ -33,8 +33,9 @@ def main():
     kw = {"bits": s["bits"], "group_size": s["group_size"], "sym": s.get("sym", True), "dataset": data,
           "nsamples": calib.shape[0], "seqlen": calib.shape[1], "device_map": "cpu", "amp": False,
           "enable_torch_compile": False}
-    if "iters" in s:
-        kw["iters"] = s["iters"]
+    for name in ("iters", "lr"):
+        if name in s:
+            kw[name] = s[name]
     ar = AutoRound(model, tokenizer, **kw)
     run.timed(ar.quantize)
     out = Path(args.out) / "quantized"
