@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,21 +60,40 @@ def key(row: dict) -> str:
     return f"llama-h{row['hidden']}-b{row['blocks']}-n{row['samples']}"
 
 
+def resident_mb() -> float:
+    """This process's resident memory now (not its peak), from /proc/self/statm."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def run_point(point: dict) -> dict:
     import onecomp
+    from onecomp.registry import Registry
 
-    with tempfile.TemporaryDirectory(prefix="onecomp-scaling-") as tmp:
+    after_blocks = []
+
+    class BlockMemory:
+        """Resident memory at the end of every block: what the stage keeps as it goes."""
+
+        @onecomp.hookimpl
+        def on_block_done(self, run, block):
+            after_blocks.append(round(resident_mb(), 1))
+
+    load_start = os.getloadavg()[0]
+    registry = Registry.default()
+    with tempfile.TemporaryDirectory(prefix="onecomp-scaling-") as tmp, registry.temporarily(BlockMemory()):
         model = point.get("model") or str(random_llama(point["hidden"], point["blocks"], Path(tmp)))
         config = {"model": {"id": model},
                   "calibration": {"corpus": "kjv", "samples": point["samples"], "seq_len": 512, "seed": 0},
                   "plan": {"planner": "uniform", "quantizer": {"name": "gptq", "bits": 4, "group_size": 128}},
                   "evaluation": {"texts": [], "before": False},
                   "output": {"dir": str(Path(tmp) / "run")}}
-        stage = onecomp.run(config, progress=True)["stages"][0]
+        stage = onecomp.run(config, registry=registry, progress=True)["stages"][0]
     import resource
 
     row = {**point, "weights": stage["bits"]["quantized_weights"], "seconds": stage["seconds"],
            "peak_rss_mb": stage["peak_rss_mb"], "process_peak_rss_mb": resource.getrusage(0).ru_maxrss / 1024,
+           "bits_per_weight": stage["bits"]["bits_per_weight"], "rss_after_blocks_mb": after_blocks,
+           "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
            "env": environment()}
     record("scaling", key(point), row)
     return row
@@ -82,6 +102,17 @@ def run_point(point: dict) -> dict:
 def model_mb(row: dict) -> float:
     """fp32 size of the model: its decoder linear layers plus the (tied) embedding, vocabulary 49152."""
     return (row["weights"] + 49152 * row.get("hidden", 576)) * 4 / 2**20
+
+
+def block_memory(row: dict) -> str:
+    """The resident-memory-per-block cells (blank for rows recorded before they were measured)."""
+    after = row.get("rss_after_blocks_mb") or []
+    if len(after) < 2:
+        return "– | – | – | –"
+    growth = (after[-1] - after[0]) / (len(after) - 1)
+    codes = row["weights"] * row["bits_per_weight"] / 8 / len(after) / 2**20
+    return (f"{after[0]:.0f} → {after[-1]:.0f} | {growth:.1f} | {codes:.1f} | "
+            f"{row['loadavg_start']:.1f} → {row['loadavg_end']:.1f}")
 
 
 def table() -> str:
@@ -96,9 +127,14 @@ def table() -> str:
              "model, are what grow with the calibration size and the width. *peak RSS − model* takes out the fp32 "
              "model (decoder linears plus the tied embedding). Random points "
              "build and save their model in the same process first.",
+             "*resident after block 1 → last*: the process's resident memory (not its peak) when the first and "
+             "the last block are done; *growth per block* is their difference over the blocks in between, beside "
+             "*codes per block*, the stored bytes (packed codes and scales) of one quantized block, which the "
+             "quantized layers keep in memory. *load*: 1-minute load average at the start → end (2 cores).",
              "", "| point | hidden | blocks | calibration windows | quantized weights | time (s) | s per block "
-             "| activations (MiB) | peak RSS (MiB) | fp32 model (MiB) | peak RSS − model (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| activations (MiB) | peak RSS (MiB) | fp32 model (MiB) | peak RSS − model (MiB) "
+             "| resident after block 1 → last (MiB) | growth per block (MiB) | codes per block (MiB) | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in sorted(data, key=lambda k: (data[k].get("hidden", 576), data[k].get("blocks", 30),
                                           data[k]["samples"])):
         r = data[k]
@@ -106,7 +142,7 @@ def table() -> str:
         lines.append(f"| {k} | {hidden} | {blocks} | {r['samples']} | {fmt(r.get('weights'))} | "
                      f"{fmt(r['seconds'], 0)} | {fmt(r['seconds'] / blocks, 1)} | "
                      f"{fmt(r['samples'] * 512 * hidden * 4 / 2**20, 0)} | {fmt(r['peak_rss_mb'], 0)} | "
-                     f"{fmt(model, 0)} | {fmt(r['peak_rss_mb'] - model, 0)} |")
+                     f"{fmt(model, 0)} | {fmt(r['peak_rss_mb'] - model, 0)} | {block_memory(r)} |")
     text = "\n".join(lines) + "\n"
     (RESULTS / "scaling.md").write_text(text)
     return text
