@@ -92,6 +92,9 @@ TOOL_NOTES = {
     "onecomp-orig": "the original authors' release (PyPI onecomp 1.4.0), its GPTQ defaults: symmetric, no act-order, "
                     "damp 0.01; its default (non-QEP) GPTQ calibrates every layer on the fp model's activations in one "
                     "forward pass (no propagation of quantized outputs); g_idx is stored (int32 per input column).",
+    "auto-round": "SignRound (sign-gradient tuning of rounding offsets and clipping, block by block), symmetric; "
+                  "`w4g128-light` is the release's own light recipe (50 iterations, lr 5e-3) because its default "
+                  "200 iterations take several hours on these 2 cores; calibration windows passed as token tensors.",
     "hqq": "calibration-free; groups run over the flattened matrix, so at group 128 a group can span two rows of a "
            "576-wide layer.",
 }
