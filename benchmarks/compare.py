@@ -93,8 +93,9 @@ TOOL_NOTES = {
                     "damp 0.01; its default (non-QEP) GPTQ calibrates every layer on the fp model's activations in one "
                     "forward pass (no propagation of quantized outputs); g_idx is stored (int32 per input column).",
     "auto-round": "SignRound (sign-gradient tuning of rounding offsets and clipping, block by block), symmetric; "
-                  "`w4g128-light` is the release's own light recipe (50 iterations, lr 5e-3) because its default "
-                  "200 iterations take several hours on these 2 cores; calibration windows passed as token tensors.",
+                  "`w4g128-light` is the release's own light recipe (50 iterations, lr 5e-3); it took 1231 s here, "
+                  "about 41 s per block, so the default 200 iterations (4x the tuning steps) did not fit in a "
+                  "session beside the other runs; calibration windows passed as token tensors.",
     "hqq": "calibration-free; groups run over the flattened matrix, so at group 128 a group can span two rows of a "
            "576-wide layer.",
 }
@@ -308,14 +309,19 @@ def ratios(data: dict) -> list[dict]:
             cands = [r for r in ours if family(r) == fam and r.get("ppl")]
             if not cands:
                 continue
-            mine = min(cands, key=lambda r: abs(bpw(r) - bpw(peer)))
-            if abs(bpw(mine) - bpw(peer)) > 0.5:
+            gap = min(abs(bpw(r) - bpw(peer)) for r in cands)
+            if gap > 0.5:
                 continue
-            out.append({"peer": key, "ours": f"ours/{mine['setting']}" + (" ¹" if mine.get("source") else ""),
-                        "bpw": (bpw(mine), bpw(peer)),
-                        "ppl": {t: mine["ppl"][t] / peer["ppl"][t] for t in TEXTS},
-                        "time": mine["quant_seconds"] / peer["quant_seconds"] if peer.get("quant_seconds") else None,
-                        "memory": mine["peak_rss_mb"] / peer["peak_rss_mb"] if peer.get("peak_rss_mb") else None})
+            # every our row at that nearest bpw (a default and its variants, e.g. `-mse`), by setting name
+            for mine in sorted((r for r in cands if abs(bpw(r) - bpw(peer)) <= gap + 1e-9),
+                               key=lambda r: r["setting"]):
+                out.append({"peer": key, "ours": f"ours/{mine['setting']}" + (" ¹" if mine.get("source") else ""),
+                            "bpw": (bpw(mine), bpw(peer)),
+                            "ppl": {t: mine["ppl"][t] / peer["ppl"][t] for t in TEXTS},
+                            "time": mine["quant_seconds"] / peer["quant_seconds"] if peer.get("quant_seconds")
+                            else None,
+                            "memory": mine["peak_rss_mb"] / peer["peak_rss_mb"] if peer.get("peak_rss_mb")
+                            else None})
     return out
 
 
@@ -407,6 +413,8 @@ def plot(data: dict, path: Path) -> None:
         label = f"{r['tool']} {LABELS.get(family(r), family(r))}"
         if r["tool"] == "onecomp-orig" and "actorder" in r["setting"]:
             label += " act-order asym"
+        if r["tool"] == "ours" and r["setting"].endswith("-mse"):
+            label += " (mse grid)"
         series.setdefault(label, []).append(r)
     for ax, text in zip(axes, TEXTS):
         for label, rows in sorted(series.items()):

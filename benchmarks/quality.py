@@ -70,6 +70,8 @@ SETTINGS = {
     "gptq+qep-w3g128": {"quantizer": q("gptq", bits=3, group_size=128), "refiners": [{"name": "qep"}]},
     "gptq+qep-w3pc": {"quantizer": q("gptq", bits=3, group_size=-1), "refiners": [{"name": "qep"}]},
     "gptq+qep-w4g64": {"quantizer": q("gptq", bits=4, group_size=64), "refiners": [{"name": "qep"}]},
+    "gptq+qep-w4g128-mse": {"quantizer": q("gptq", bits=4, group_size=128, mse=True), "refiners": [{"name": "qep"}]},
+    "gptq+qep-w3g128-mse": {"quantizer": q("gptq", bits=3, group_size=128, mse=True), "refiners": [{"name": "qep"}]},
     "gptq+qep-w3g64": {"quantizer": q("gptq", bits=3, group_size=64), "refiners": [{"name": "qep"}]},
     "gptq+qep-w2g64": {"quantizer": q("gptq", bits=2, group_size=64), "refiners": [{"name": "qep"}]},
     "gptq+qep-w3g128-percdamp0.1": {"quantizer": q("gptq", bits=3, group_size=128),
