@@ -101,7 +101,7 @@ TOOL_NOTES = {
 }
 #: our settings (benchmarks/quality.py SETTINGS) compared with the peers
 OURS = ["gptq-w4g128", "gptq-w3g128", "gptq+qep-w4g128", "gptq+qep-w3g128", "gptq-w4g64", "gptq+qep-w4g64",
-        "gptq-w3g64", "gptq+qep-w3g64"]
+        "gptq-w3g64", "gptq+qep-w3g64", "gptq-w4g128-mse", "gptq+qep-w4g128-mse"]
 
 
 #: prints the unconditional (non-extra) requirements of a distribution, one a line
@@ -295,8 +295,8 @@ def bpw(row: dict):
 
 
 def ratios(data: dict) -> list[dict]:
-    """For each peer row: our row of the same family (GPTQ or GPTQ+QEP) at the same bit width and nearest
-    bits per weight, for GPTQ-like peers also our GPTQ+QEP; ratios ours / peer."""
+    """For each peer row: every our row of the same family (GPTQ or GPTQ+QEP) at the nearest bits per weight
+    (a default setting and its variants alike), for GPTQ-like peers also our GPTQ+QEP; ratios ours / peer."""
     ours = [r for r in data.values() if r["tool"] == "ours" and r["setting"] != "fp32" and bpw(r)]
     out = []
     for key, peer in sorted(data.items()):
@@ -368,8 +368,8 @@ def table(data: dict) -> str:
     rs = ratios(data)
     if rs:
         lines += ["", "## Ratios ours / peer", "",
-                  "Our row of the same family at the nearest bits per weight (and our GPTQ+QEP beside a peer's "
-                  "GPTQ). Below 1 is better for us. ¹ our row reused from quality.json: its time and memory were "
+                  "Our rows of the same family at the nearest bits per weight, defaults and variants such as "
+                  "`-mse` (the MSE grid) alike (and our GPTQ+QEP beside a peer's GPTQ). Below 1 is better for us. ¹ our row reused from quality.json: its time and memory were "
                   "measured in another session (memory: the stage's sampled peak, not the process's ru_maxrss), "
                   "so only the ppl ratios are like for like.", "",
                   "| ours | peer | bpw ours / peer | ppl gospels | ppl pydoc | quant time | peak RSS |",
