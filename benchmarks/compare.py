@@ -93,9 +93,9 @@ TOOL_NOTES = {
                     "damp 0.01; its default (non-QEP) GPTQ calibrates every layer on the fp model's activations in one "
                     "forward pass (no propagation of quantized outputs); g_idx is stored (int32 per input column).",
     "auto-round": "SignRound (sign-gradient tuning of rounding offsets and clipping, block by block), symmetric; "
-                  "`w4g128-light` is the release's own light recipe (50 iterations, lr 5e-3); it took 1231 s here, "
-                  "about 41 s per block, so the default 200 iterations (4x the tuning steps) did not fit in a "
-                  "session beside the other runs; calibration windows passed as token tensors.",
+                  "`w4g128-light` is the release's own light recipe (50 iterations, lr 5e-3; its time is in its row); "
+                  "the default 200 iterations, 4x the tuning steps, did not fit in a session beside the other "
+                  "runs; calibration windows passed as token tensors.",
     "hqq": "calibration-free; groups run over the flattened matrix, so at group 128 a group can span two rows of a "
            "576-wide layer.",
 }
@@ -369,7 +369,8 @@ def table(data: dict) -> str:
     if rs:
         lines += ["", "## Ratios ours / peer", "",
                   "Our rows of the same family at the nearest bits per weight, defaults and variants such as "
-                  "`-mse` (the MSE grid) alike (and our GPTQ+QEP beside a peer's GPTQ). Below 1 is better for us. ¹ our row reused from quality.json: its time and memory were "
+                  "`-mse` (the MSE grid) alike (and our GPTQ+QEP beside a peer's GPTQ). Below 1 is better for us. "
+                  "¹ our row reused from quality.json: its time and memory were "
                   "measured in another session (memory: the stage's sampled peak, not the process's ru_maxrss), "
                   "so only the ppl ratios are like for like.", "",
                   "| ours | peer | bpw ours / peer | ppl gospels | ppl pydoc | quant time | peak RSS |",
