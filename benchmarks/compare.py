@@ -101,7 +101,7 @@ TOOL_NOTES = {
 }
 #: our settings (benchmarks/quality.py SETTINGS) compared with the peers
 OURS = ["gptq-w4g128", "gptq-w3g128", "gptq+qep-w4g128", "gptq+qep-w3g128", "gptq-w4g64", "gptq+qep-w4g64",
-        "gptq-w3g64", "gptq+qep-w3g64", "gptq-w4g128-mse", "gptq+qep-w4g128-mse"]
+        "gptq-w3g64", "gptq+qep-w3g64"]
 
 
 #: prints the unconditional (non-extra) requirements of a distribution, one a line
@@ -415,7 +415,9 @@ def plot(data: dict, path: Path) -> None:
         if r["tool"] == "onecomp-orig" and "actorder" in r["setting"]:
             label += " act-order asym"
         if r["tool"] == "ours" and r["setting"].endswith("-mse"):
-            label += " (mse grid)"
+            label += " (full mse search)"
+        if r["tool"] == "ours" and r["setting"].endswith("-minmax"):
+            label += " (min-max grid)"
         series.setdefault(label, []).append(r)
     for ax, text in zip(axes, TEXTS):
         for label, rows in sorted(series.items()):

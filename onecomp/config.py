@@ -130,7 +130,7 @@ class CalibrationSection:
     # original weights (docs/config.md, [calibration])
     sequential: str = attrs.field(default="layer", validator=one_of("layer", "block"))
     # layer mode: MiB of down_proj inputs kept per block instead of running gate/up a second time
-    keep_mb: float = attrs.field(default=256, validator=in_range(0, None))
+    keep_mb: float = attrs.field(default=512, validator=in_range(0, None))
 
 
 @attrs.define

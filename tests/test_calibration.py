@@ -282,6 +282,24 @@ def test_sequential_capture_sees_the_layers_replaced_before_each_stage(tiny_llam
         torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6)
 
 
+def test_sequential_capture_runs_each_norm_once_per_batch(tiny_llama):
+    """The normed inputs of q/k/v and gate/up are kept for the next stage, so with every
+    ``down_proj`` input kept each RMSNorm of the block runs once per batch."""
+    blocks, inputs = _block_and_inputs(tiny_llama)
+    block = blocks[0]
+    calls = {"input_layernorm": 0, "post_attention_layernorm": 0}
+    handles = [block.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: calls.__setitem__(n, calls[n] + 1))
+               for n in calls]
+    seq = SequentialCapture(block, inputs.clone(), keep_mb=100)
+    for leader in LEADERS:
+        seq.stats(leader, {"hessian"})
+    seq.finish()
+    for h in handles:
+        h.remove()
+    assert calls == {n: len(inputs.hidden) for n in calls}
+    assert all(x is None for x in seq.normed)  # nothing held after the block
+
+
 @pytest.mark.parametrize("keep_mb", [0, 100])
 def test_sequential_capture_with_an_fp_copy_gives_cross_of_both_paths(tiny_llama, keep_mb):
     """The fp path (for QEP's ``cross``) runs an unchanged copy beside the changed block: each stage's

@@ -35,7 +35,7 @@ class LayerwiseContext:
     progress: bool = True
     run_info: object = None
     sequential: str = "layer"  # see CalibrationSection.sequential
-    keep_mb: float = 256  # see CalibrationSection.keep_mb
+    keep_mb: float = 512  # see CalibrationSection.keep_mb
 
 
 def _replace(model, name: str, module) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from onecomp import LayerStats, LayerTask, Registry
-from onecomp_gptq import GPTQFormat, gptq_quantize
+from onecomp_gptq import GPTQFormat, fake_quantize, find_params, gptq_quantize
 from onecomp_gptq.format import GPTQParams
 from onecomp_gptq.quantizers import GPTQ, RTN, GPTQConfig, RTNConfig, rtn_quantize
 
@@ -133,6 +133,47 @@ def test_mse_grid_not_worse_than_minmax(layer):
     e1 = (fmt.dequantize(fmt.pack({"q": q1.long(), "zeros": z1.long(), "scales": s1}, W.shape), W.shape) - W)
     assert e1.abs().pow(2.4).sum() <= e0.abs().pow(2.4).sum()
 
+
+
+def _grid_errors(W, bits, lo_hi, norm=2.4):
+    """|W − Ŵ|^norm per row for each candidate range (the search's own objective, recomputed)."""
+    maxq = 2**bits - 1
+    out = []
+    for lo, hi in lo_hi:
+        scale = ((hi - lo) / maxq).half().float()
+        zero = torch.round(-lo / scale).clamp(0, maxq)
+        out.append((fake_quantize(W, scale[:, None], zero[:, None], maxq) - W).abs().pow(norm).sum(1))
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_mse_search_finds_the_least_error_candidate(bits):
+    """step 1 is the exhaustive search; coarse to fine lands between it and the best coarse point."""
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(bits)) * torch.rand(64, 1) * 3
+    xmin, xmax = W.min(1).values.clamp(max=0), W.max(1).values.clamp(min=0)
+    shrinks = [1 - i / 100 for i in range(80)]
+    all_err = _grid_errors(W, bits, [(p * xmin, p * xmax) for p in shrinks])
+
+    def err_of(step):
+        s, z = find_params(W, bits, mse=True, step=step)
+        maxq = 2**bits - 1
+        return (fake_quantize(W, s[:, None], z[:, None], maxq) - W).abs().pow(2.4).sum(1)
+
+    assert torch.allclose(err_of(1), all_err.min(1).values, rtol=1e-6)
+    for step in (2, 4, 8):
+        e = err_of(step)
+        assert (e >= all_err.min(1).values * (1 - 1e-6)).all()
+        assert (e <= all_err[:, ::step].min(1).values * (1 + 1e-6)).all()
+        assert (e <= all_err[:, 0] * (1 + 1e-6)).all()  # never worse than min-max (shrink 1)
+
+
+def test_gptq_defaults_use_the_full_mse_search():
+    c = GPTQConfig()
+    assert c.mse and c.mse_step == 1
+    reg = Registry()
+    from onecomp import ConfigError
+    with pytest.raises(ConfigError, match="mse_step"):
+        reg.resolve("quantizer", {"name": "gptq", "mse_step": 0}, "plan.quantizer")
 
 def test_config_validation():
     reg = Registry()

@@ -25,6 +25,7 @@ class RTNConfig:
     group_size: int = attrs.field(default=128, validator=check_group_size)
     sym: bool = False
     mse: bool = False
+    mse_step: int = attrs.field(default=1, validator=in_range(1, 64))
 
 
 @attrs.define
@@ -36,7 +37,8 @@ class GPTQConfig:
     damp: float = attrs.field(default=0.01, validator=in_range(0, None))
     shrink: float = attrs.field(default=0.5, validator=in_range(0, 1))  # see benchmarks/results/ood_layers.md
     block_size: int = attrs.field(default=128, validator=in_range(1, None))
-    mse: bool = False
+    mse: bool = True  # see README, "MSE grid"
+    mse_step: int = attrs.field(default=1, validator=in_range(1, 64))
 
 
 def _check_finite(task: LayerTask) -> None:
@@ -53,14 +55,15 @@ def _pack(task, q, scale, zero, bits, group_size, g_idx=None) -> Compressed:
     return Compressed("gptq", attrs.asdict(params), fmt.pack(fields, task.shape), task.shape)
 
 
-def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool = False, mse: bool = False):
+def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool = False, mse: bool = False,
+                 mse_step: int = 1):
     """Round to nearest per group: codes ``[out, in]``, scales and zeros ``[out, G]``."""
     out, inp = W.shape
     g = inp if group_size == -1 else group_size
     maxq = 2**bits - 1
     q, scales, zeros = torch.empty_like(W), [], []
     for c in range(0, inp, g):
-        s, z = find_params(W[:, c:c + g], bits, sym, mse)
+        s, z = find_params(W[:, c:c + g], bits, sym, mse, step=mse_step)
         q[:, c:c + g] = codes(W[:, c:c + g], s[:, None], z[:, None], maxq)
         scales.append(s)
         zeros.append(z)
@@ -77,7 +80,7 @@ class RTN(Quantizer):
     def quantize(self, task: LayerTask) -> Compressed:
         _check_finite(task)
         c = self.config
-        q, s, z = rtn_quantize(task.W.float(), c.bits, c.group_size, c.sym, c.mse)
+        q, s, z = rtn_quantize(task.W.float(), c.bits, c.group_size, c.sym, c.mse, c.mse_step)
         return _pack(task, q, s, z, c.bits, c.group_size)
 
 
@@ -130,7 +133,7 @@ def hessian_factor(H: torch.Tensor, act_order: bool = True, damp: float = 0.01, 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
                   act_order: bool = True, damp: float = 0.01, block_size: int = 128, mse: bool = False,
-                  shrink: float = 0.0, factor=None):
+                  shrink: float = 0.0, factor=None, mse_step: int = 1):
     """GPTQ on ``W [out, in]`` with Hessian ``H [in, in]``.
 
     ``shrink`` (β) pulls H toward its diagonal, ``H ← (1 − β)H + β·diag(H)``, before damping:
@@ -161,7 +164,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
     scales = torch.zeros(out, n_groups)
     zeros = torch.zeros(out, n_groups)
     if group_size == -1:
-        scale, zero = find_params(W, bits, sym, mse)
+        scale, zero = find_params(W, bits, sym, mse, step=mse_step)
         scales[:, 0], zeros[:, 0] = scale, zero
     diag = Hinv.diagonal().tolist()
     on_cpu = W.device.type == "cpu" and W.dtype == torch.float32
@@ -179,7 +182,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
                 if hi > i2:
                     pending = W[:, i2:hi] - ErrT[i1:col].T @ Hinv[i1:col, i2:hi]
                     current = torch.cat([current, pending], 1)
-                scale, zero = find_params(current, bits, sym, mse)
+                scale, zero = find_params(current, bits, sym, mse, step=mse_step)
                 scales[:, col // g], zeros[:, col // g] = scale, zero
             _quantize_column(W1T[i], QT[col], ErrT[col], scale, zero, maxq, diag[col], on_cpu)
             W1T[i:].addr_(Hinv1[i, i:], ErrT[col], alpha=-1)
@@ -215,7 +218,8 @@ class GPTQ(Quantizer):
         if self._factor is None or self._factor[0] is not H:  # q/k/v (and gate/up) share one LayerStats
             self._factor = (H, hessian_factor(H, c.act_order, c.damp, c.shrink))
         q, s, z, g_idx, losses = gptq_quantize(task.W, H, c.bits, c.group_size, c.sym, c.act_order,
-                                               c.damp, c.block_size, c.mse, c.shrink, factor=self._factor[1])
+                                               c.damp, c.block_size, c.mse, c.shrink, factor=self._factor[1],
+                                               mse_step=c.mse_step)
         result = _pack(task, q, s, z, c.bits, c.group_size, g_idx)
         result.info["loss"] = float(losses.sum())
         return result
