@@ -64,6 +64,7 @@ SETTINGS = {
     "gptq-w3g128-damp1": {"quantizer": q("gptq", bits=3, group_size=128, shrink=0.0, damp=1.0, mse=False)},
     "gptq-w4g128-mse": {"quantizer": q("gptq", bits=4, group_size=128, mse=True, mse_step=1)},
     "gptq-w3g128-mse": {"quantizer": q("gptq", bits=3, group_size=128, mse=True, mse_step=1)},
+    "gptq-w4g128-mse4": {"quantizer": q("gptq", bits=4, group_size=128, mse=True, mse_step=4)},
     "gptq-w4g128-shrink0.25": {"quantizer": q("gptq", bits=4, group_size=128, shrink=0.25, mse=False)},
     "gptq-w4g128-shrink0.5": {"quantizer": q("gptq", bits=4, group_size=128, shrink=0.5, mse=False)},
     "gptq-w3g128-shrink0.25": {"quantizer": q("gptq", bits=3, group_size=128, shrink=0.25, mse=False)},
