@@ -369,7 +369,8 @@ def table(data: dict) -> str:
     if rs:
         lines += ["", "## Ratios ours / peer", "",
                   "Our rows of the same family at the nearest bits per weight, defaults and variants such as "
-                  "`-mse` (the MSE grid) alike (and our GPTQ+QEP beside a peer's GPTQ). Below 1 is better for us. "
+                  "`-minmax` (GPTQ's min-max grid, its default before the MSE grid) and `-mse4` (a coarse-to-fine "
+                  "MSE grid) alike (and our GPTQ+QEP beside a peer's GPTQ). Below 1 is better for us. "
                   "¹ our row reused from quality.json: its time and memory were "
                   "measured in another session (memory: the stage's sampled peak, not the process's ru_maxrss), "
                   "so only the ppl ratios are like for like.", "",
