@@ -254,7 +254,7 @@ def save_row(path: Path, key: str, row: dict) -> None:
 
 
 #: our settings recorded in quality.json under another name (same config: shrink 0.5 is GPTQ's default)
-QUALITY_ALIASES = {"gptq-w4g128": "gptq-w4g128-shrink0.5"}
+QUALITY_ALIASES = {"gptq-w4g128-minmax": "gptq-w4g128-shrink0.5"}
 
 
 def ours_from_quality(setting: str) -> dict | None:
