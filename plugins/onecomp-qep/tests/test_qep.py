@@ -163,3 +163,24 @@ def test_shared_factor_is_reused_within_a_group_only():
     c = qep.adjust(LayerTask("k", W, s2)).W
     d = QEP().adjust(LayerTask("k", W, s2)).W
     assert torch.allclose(c, d)  # a new Ĥ is factorised again, never confused with the old one
+
+
+def test_damping_grows_when_tokens_are_few_per_input_column():
+    qep = QEP()
+    assert qep.damping(576, 128 * 512) == 0.01  # the protocol's size: the authors' fixed damping
+    assert qep.damping(576, 16 * 256) == pytest.approx(576 / 4096)
+    assert qep.damping(576, 0) == 0.01  # token count unknown
+    assert QEP(QEPConfig(sample_damp=0.0)).damping(576, 16) == 0.01
+
+
+def test_sample_damping_generalises_better_from_few_tokens():
+    """Fitted on N = 2·in tokens, the sample-size damping lowers the error on fresh tokens
+    from the same distribution, over several seeds."""
+    d, W = 48, torch.randn(20, 48, generator=torch.Generator().manual_seed(1))
+    for seed in range(5):
+        X, X_hat = paths(n=2 * d + 4000, d=d, seed=seed)
+        fit, test = slice(0, 2 * d), slice(2 * d, None)
+        task = LayerTask("l", W, stats(X[fit], X_hat[fit]))
+        errs = [(X_hat[test] @ QEP(QEPConfig(alpha=1.0, sample_damp=sd)).adjust(task).W.T
+                 - X[test] @ W.T).norm().item() for sd in (0.0, 1.0)]
+        assert errs[1] < errs[0]

@@ -2,7 +2,10 @@
 
     W* = W + α · W (X − X̂)ᵀ X̂ (Ĥ + λI)⁻¹,   Ĥ = X̂ᵀX̂,  λ = percdamp · mean(diag Ĥ)
 
-X is the layer's input on the fp path, X̂ on the already-quantized path. Both products
+X is the layer's input on the fp path, X̂ on the already-quantized path. The damping is
+at least ``sample_damp · in / N`` (N calibration tokens): the correction is a regression
+with ``in`` unknowns per row fitted on N samples, and with few samples per unknown it
+fits the calibration text's noise (see the README's "Damping" section). Both products
 come from accumulated statistics (``cross`` = 2/N (X − X̂)ᵀX̂ and ``hessian`` = 2/N X̂ᵀX̂;
 the common 2/N cancels), so memory is O(in²) per input group. The pipeline then hands
 W* and Ĥ to whichever quantizer the config names.
@@ -20,6 +23,7 @@ from onecomp import LayerTask, Refiner, in_range, matches
 class QEPConfig:
     alpha: float = attrs.field(default=0.5, validator=in_range(0, 1))
     percdamp: float = attrs.field(default=0.01, validator=in_range(0, None))
+    sample_damp: float = attrs.field(default=1.0, validator=in_range(0, None))  # damping ≥ this · in / N
     skip: list = attrs.Factory(lambda: ["mlp.down_proj"])  # name suffixes or "re:<regex>"
     shared_hessian: bool = True  # fused groups (q/k/v, gate/up) reuse one factorisation of Ĥ + λI
 
@@ -61,6 +65,13 @@ class QEP(Refiner):
         super().__init__(config)
         self._factor: tuple[torch.Tensor, torch.Tensor] | None = None  # (Ĥ, its factor), Ĥ kept alive
 
+    def damping(self, in_features: int, n_tokens: int) -> float:
+        """λ as a fraction of mean(diag Ĥ): ``percdamp``, raised to ``sample_damp · in / N`` when
+        the calibration set is small (N unknown, 0: ``percdamp`` alone)."""
+        if n_tokens <= 0:
+            return self.config.percdamp
+        return max(self.config.percdamp, self.config.sample_damp * in_features / n_tokens)
+
     def applies_to(self, layer_name: str) -> bool:
         return not matches(layer_name, self.config.skip)
 
@@ -70,10 +81,11 @@ class QEP(Refiner):
             raise ValueError(f"{task.name}: qep needs the 'hessian' and 'cross' statistics")
         if self.config.alpha == 0:
             return task
+        percdamp = self.damping(task.W.shape[1], task.stats.n_tokens)
         L = None
         if self.config.shared_hessian:
             if self._factor is None or self._factor[0] is not H_hat:
-                self._factor = (H_hat, _damped_cholesky(H_hat, self.config.percdamp))
+                self._factor = (H_hat, _damped_cholesky(H_hat, percdamp))
             L = self._factor[1]
-        W_star = qep_correct(task.W, H_hat, cross, self.config.alpha, self.config.percdamp, L)
+        W_star = qep_correct(task.W, H_hat, cross, self.config.alpha, percdamp, L)
         return attrs.evolve(task, W=W_star)
