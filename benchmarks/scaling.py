@@ -123,7 +123,7 @@ def table() -> str:
              "peak RSS is the whole process (model, teacher-free). Random models: seeded Llama, vocabulary 49152.",
              "Each point runs in its own process. *activations* is one copy of the block inputs (windows × 512 "
              "tokens × hidden × 4 bytes). The default layer-by-layer calibration also keeps one such copy of the "
-             "attention output and up to `calibration.keep_mb` (256) MiB of down_proj inputs; these, and the "
+             "attention output and up to `calibration.keep_mb` (256 when these points ran; 512 since) MiB of down_proj inputs; these, and the "
              "model, are what grow with the calibration size and the width. *peak RSS − model* takes out the fp32 "
              "model (decoder linears plus the tied embedding). Random points "
              "build and save their model in the same process first.",
