@@ -71,8 +71,8 @@ def peer_section() -> list[str]:
         a, b = r["bpw"]
         lines.append(f"| {r['ours']} | {r['peer']} | {a:.3f} / {b:.3f} | {r['ppl'][TEXTS[0]]:.3f} | "
                      f"{r['ppl'][TEXTS[1]]:.3f} | {fmt(r['time'])} | {fmt(r['memory'])} |")
-    speed = compare.speed_section(data)
-    lines += ["", *speed[3:], ""] if speed else [""]
+    speed = compare.speed_line(data)
+    lines += ["", speed, ""] if speed else [""]
     return lines
 
 
