@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", action="append", help="kjv-gospels, pydoc-topics or a text file (repeatable)")
     e.add_argument("--windows", type=int, default=40)
     e.add_argument("--seq-len", type=int, default=512)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--dtype", default="float32")
     e.add_argument("--json", action="store_true")
     e.add_argument("--quiet", action="store_true")

@@ -140,7 +140,7 @@ class EvaluationSection:
     texts: list = attrs.Factory(lambda: ["kjv-gospels", "pydoc-topics"])
     windows: int = attrs.field(default=40, validator=_positive)
     seq_len: int = attrs.field(default=512, validator=_positive)
-    batch_size: int = attrs.field(default=8, validator=_positive)
+    batch_size: int = attrs.field(default=1, validator=_positive)  # the logits dominate memory, not speed
     before: bool = True
 
 

@@ -16,8 +16,10 @@ def eval_windows(tokenizer, text: str, windows: int = 40, seq_len: int = 512) ->
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = False, desc: str = "ppl") -> float:
-    """Perplexity over independent windows ``[n, seq_len]``."""
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, desc: str = "ppl") -> float:
+    """Perplexity over independent windows ``[n, seq_len]``. One window per pass by default: the fp32
+    logits of 8 windows of 512 tokens over a 49k vocabulary, with their copies for the loss, took the
+    process from 1.2 to 3.4 GiB at the same speed."""
     device = next(model.parameters()).device
     losses = []
     batches = windows.split(batch_size)
