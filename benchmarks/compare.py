@@ -354,7 +354,7 @@ def speed_line(data: dict) -> str | None:
     """Our GPTQ's quantization time and peak RSS over llm-compressor's, against the targets."""
     mine, peer, t_max, m_max = SPEED_TARGET
     a, b = data.get(mine), data.get(peer)
-    if not (a and b and a.get("quant_seconds") and b.get("quant_seconds")):
+    if not all(r and r.get("quant_seconds") and r.get("peak_rss_mb") for r in (a, b)):
         return None
     t, m = a["quant_seconds"] / b["quant_seconds"], a["peak_rss_mb"] / b["peak_rss_mb"]
 
