@@ -54,7 +54,7 @@ def section() -> str:
 
 def peer_section() -> list[str]:
     """Ours / peer ratios from results/compare.json (compare.py's own ratio rule), one line per pair."""
-    import compare
+    import compare_report as compare
 
     data = compare.load_results()
     data.pop("_unavailable", None)

@@ -1,6 +1,6 @@
-"""Does a better fit make l = 2 beat DBF (l = 1) at matched bits per weight? (README, "MDBF versus DBF")
+"""Does a better fit make l = 2 beat DBF (l = 1) at matched bits per weight? (the MDBF README, "MDBF versus DBF")
 
-    python plugins/onecomp-mdbf/scripts/refinement_study.py          # prints one line per fit
+    python benchmarks/refinement_study.py          # prints one line per fit
 
 On block 3 of SmolLM2-135M (q_proj, k_proj, gate_proj, down_proj) at 1.0, 1.5 and 2.0 bpw, fits
 P = 1 with the quantizer's rank rule (l = 1 at r₁, l = 2 at r₂ ≤ r₁) and l = 2 at the equal rank r₁,
