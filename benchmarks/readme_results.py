@@ -1,8 +1,10 @@
-"""Rewrite README.md's results section from benchmarks/results/*.json (no hand-typed figures)."""
+"""Rewrite the generated results sections of README.md and of the MDBF README from benchmarks/results/*.json
+(no hand-typed figures)."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -11,69 +13,114 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, TEXTS, flips, fmt  # noqa: E402
 
 README = Path(__file__).parent.parent / "README.md"
-#: rows shown in the README, in order (everything else stays in results/quality.md)
-SHOWN = ["rtn-w4g128", "gptq-w4g128-shrink0", "gptq-w4g128-damp1", "gptq-w4g128-shrink0.5", "gptq-w4g128-minmax",
-         "gptq+qep-w4g128-minmax", "rtn-w3g128", "gptq-w3g128-minmax", "gptq+qep-w3g128-minmax",
-         "rtn-w3pc", "gptq-w3pc", "gptq+qep-w3pc", "rtn-w2g64", "gptq-w2g64", "gptq+qep-w2g64",
-         "gptq-w3g128+blockwise+global", "dbf-1.0", "dbf-1.5", "dbf-2.0", "mdbf-l2-1.0", "mdbf-l2-1.5",
-         "mdbf-l2-2.0", "mdbf-1.0", "mdbf-1.5", "mdbf-2.0", "dbf-1.0+blockwise+signlock",
-         "dbf-1.5+blockwise+signlock", "dbf-2.0+blockwise+signlock", "mdbf-1.0+blockwise+signlock",
-         "mdbf-1.5+blockwise", "mdbf-1.5+blockwise+signlock", "mdbf-2.0+blockwise", "mdbf-2.0+blockwise+signlock",
-         "mdbf-2.0+blockwise-envelopes"]
+#: bit budgets of the headline table: a row belongs to budget b when b <= bits per weight < b + SPAN
+BUDGETS = (4, 3, 2)
+SPAN = 0.5
+
+
+def _load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _final(key: str, row: dict) -> dict:
+    """A quality.json row as ``{name, bpw, ppl}``, taken at its last stage."""
+    last = (row.get("stages") or [row])[-1]
+    return {"name": key, "bpw": last["bits_per_weight"], "ppl": last["ppl"]}
+
+
+def candidates() -> tuple[list[dict], list[dict], list[dict]]:
+    """(RTN rows, our other rows, peer rows), each ``{tool, name, bpw, ppl}``, from the recorded JSON."""
+    rtn, ours, peers = [], [], []
+    for key, row in _load("quality").items():
+        (rtn if key.startswith("rtn-") else ours).append({"tool": _tool("ours"), **_final(key, row)})
+    for row in _load("compare").values():
+        if not isinstance(row, dict) or not row.get("ppl") or not (row.get("bits") or {}).get("bits_per_weight"):
+            continue  # fp32 rows and the _unavailable list
+        entry = {"tool": _tool(row["tool"]), "name": row["setting"],
+                 "bpw": row["bits"]["bits_per_weight"], "ppl": row["ppl"]}
+        if row["tool"] != "ours":
+            peers.append(entry)
+        elif not row.get("source"):  # rows copied from quality.json are already in
+            (rtn if row["setting"].startswith("rtn-") else ours).append(entry)
+    return rtn, ours, peers
+
+
+def score(row: dict) -> float:
+    """Geometric mean of the perplexities on the protocol's two texts (lower is better)."""
+    return math.exp(sum(math.log(row["ppl"][t]) for t in TEXTS) / len(TEXTS))
+
+
+def best(rows: list[dict], bits: int) -> dict | None:
+    inside = [r for r in rows if bits <= r["bpw"] < bits + SPAN]
+    return min(inside, key=lambda r: (score(r), r["tool"], r["name"])) if inside else None
+
+
+def headline() -> list[str]:
+    """The README's results table: fp32, then per bit budget RTN, our best row and the strongest peer's."""
+    fp = _load("fp32")
+    rtn, ours, peers = candidates()
+    lines = ["| bits | tool | setting | bits/weight | ppl KJV gospels | ppl pydoc (out of domain) |",
+             "|---|---|---|---|---|---|"]
+    if fp:
+        lines.append(f"| fp32 | – | SmolLM2-135M as shipped | 32 | {fmt(fp['ppl'][TEXTS[0]])} | "
+                     f"{fmt(fp['ppl'][TEXTS[1]])} |")
+    missing = []
+    for bits in BUDGETS:
+        for label, rows in (("RTN", rtn), ("OneComp", ours), ("peer tool", peers)):
+            r = best(rows, bits)
+            if r is None:
+                missing.append(f"{label} at {bits} bits")
+                continue
+            name = f"**{r['name']}**" if rows is ours else r["name"]
+            lines.append(f"| {bits} | {r['tool']} | {name} | {fmt(r['bpw'], 3)} | {fmt(r['ppl'][TEXTS[0]])} | "
+                         f"{fmt(r['ppl'][TEXTS[1]])} |")
+    if missing:
+        lines += ["", "Nothing recorded yet for: " + ", ".join(missing) + "."]
+    return lines
 
 
 def section() -> str:
-    quality = json.loads((RESULTS / "quality.json").read_text()) if (RESULTS / "quality.json").exists() else {}
-    fp = json.loads((RESULTS / "fp32.json").read_text()) if (RESULTS / "fp32.json").exists() else None
-    lines = ["SmolLM2-135M on the benchmark protocol (BENCHMARK.md): calibration 128 × 512 KJV tokens; ppl on the "
-             "KJV gospels (in domain) and CPython's pydoc topics (out of domain); bits per weight from the stored "
-             "bytes; time is the layer-wise stage on 2 CPU cores. Full table: "
-             "[benchmarks/results/quality.md](benchmarks/results/quality.md). GPTQ's default is `shrink = 0.5` "
-             "(rows `gptq-w4g128-shrink0.5`, `gptq-w3g128-minmax`, `gptq+qep-*`); `shrink0` and `damp1` are GPTQ as "
-             "commonly configured, which loses to RTN out of domain (see plugins/onecomp-gptq/README.md). The GPTQ "
-             "rows here use the min-max grid (`mse = false`); GPTQ's default since is the MSE grid, whose rows "
-             "are in the comparison below.", "",
-             "| setting | bits/weight | ppl gospels | ppl pydoc | stage time (s) |", "|---|---|---|---|---|"]
-    if fp:
-        lines.append(f"| fp32 | 32 | {fmt(fp['ppl'][TEXTS[0]])} | {fmt(fp['ppl'][TEXTS[1]])} | – |")
-    for key in SHOWN:
-        if key in quality:
-            r = quality[key]
-            stages = r.get("stages") or [{"name": "layerwise", "ppl": r["ppl"], "bits_per_weight": r["bits_per_weight"],
-                                          "seconds": r["quant_seconds"]}]
-            for i, st in enumerate(stages):
-                label = key if len(stages) == 1 else f"{key}: stage {i + 1} {st['name']}{flips(st)}"
-                lines.append(f"| {label} | {fmt(st['bits_per_weight'], 3)} | {fmt(st['ppl'][TEXTS[0]])} | "
-                             f"{fmt(st['ppl'][TEXTS[1]])} | {fmt(st['seconds'], 0)} |")
-    lines.append("")
-    lines.append("Times were measured while other jobs shared the 2 cores; notes per row are in quality.md.")
-    lines += ["", *peer_section()]
-    lines.append("Generated from `benchmarks/results/` by `python benchmarks/readme_results.py`.")
+    lines = ["SmolLM2-135M on the [benchmark protocol](docs/protocol.md): calibrated on 128 × 512 KJV tokens, "
+             "perplexity on 40 × 512-token windows of the KJV gospels (in domain) and of CPython's pydoc topics "
+             "(out of domain), bits per weight counted from the stored bytes. For each budget of b bits "
+             f"(b ≤ bits/weight < b + {SPAN}): round to nearest, our best recorded pipeline and the strongest "
+             "peer tool, best meaning the lowest geometric mean of the two perplexities.", "", *headline(), ""]
+    speed = _speed_line()
+    if speed:
+        lines += [f"Speed and memory, measured back to back: {speed}", ""]
+    lines.append("Every row and setting: [quality.md](benchmarks/results/quality.md) (our pipelines), "
+                 "[compare.md](benchmarks/results/compare.md) (peer tools and the ratios ours / peer), "
+                 "[scaling.md](benchmarks/results/scaling.md) (time and memory against size), "
+                 "[history.md](benchmarks/results/history.md) (the default run by date). "
+                 "Generated from `benchmarks/results/*.json` by `python benchmarks/readme_results.py`.")
     return "\n".join(lines)
 
 
-def peer_section() -> list[str]:
-    """Ours / peer ratios from results/compare.json (compare.py's own ratio rule), one line per pair."""
-    import compare_report as compare
+def _speed_line() -> str | None:
+    """Time and peak memory of the comparison's speed-target pair (compare_report.SPEED_TARGET), as ratios."""
+    try:
+        from compare_report import SPEED_TARGET
+    except ImportError:
+        return None
+    mine, peer = SPEED_TARGET[:2]
+    data = _load("compare")
+    a, b = data.get(mine), data.get(peer)
+    if not all(r and r.get("quant_seconds") and r.get("peak_rss_mb") for r in (a, b)):
+        return None
+    return (f"our `{a['setting']}` took {a['quant_seconds'] / b['quant_seconds']:.2f}× the quantization time "
+            f"and {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× the peak memory of {_tool(b['tool'])}'s "
+            f"`{b['setting']}` ({fmt(a['quant_seconds'], 0)} / {fmt(b['quant_seconds'], 0)} s, "
+            f"{fmt(a['peak_rss_mb'], 0)} / {fmt(b['peak_rss_mb'], 0)} MiB, {a['threads']} threads).")
 
-    data = compare.load_results()
-    data.pop("_unavailable", None)
-    pairs = compare.ratios(data)
-    if not pairs:
-        return []
-    lines = ["Against other tools on the same inputs, threads and evaluation "
-             "([benchmarks/results/compare.md](benchmarks/results/compare.md), `benchmarks/compare.py`): ratios "
-             "ours / peer, below 1 is better for us; ¹ marks our rows reused from quality.json (their time and "
-             "memory come from another session).", "",
-             "| ours | peer | bits/weight ours / peer | ppl gospels | ppl pydoc | quant time | peak RSS |",
-             "|---|---|---|---|---|---|---|"]
-    for r in pairs:
-        a, b = r["bpw"]
-        lines.append(f"| {r['ours']} | {r['peer']} | {a:.3f} / {b:.3f} | {r['ppl'][TEXTS[0]]:.3f} | "
-                     f"{r['ppl'][TEXTS[1]]:.3f} | {fmt(r['time'])} | {fmt(r['memory'])} |")
-    speed = compare.speed_line(data)
-    lines += ["", speed, ""] if speed else [""]
-    return lines
+
+#: how peer tools are named in the README (compare.json's tool keys otherwise)
+TOOL_NAMES = {"ours": "OneComp", "onecomp-orig": "OneComp 1.4 (original release)", "llmcompressor": "llm-compressor",
+              "gptqmodel": "GPTQModel", "hqq": "HQQ"}
+
+
+def _tool(key: str) -> str:
+    return TOOL_NAMES.get(key, key)
 
 
 MDBF_README = Path(__file__).parent.parent / "plugins" / "onecomp-mdbf" / "README.md"
