@@ -154,3 +154,17 @@ def test_readme_config_loads(index):
 def test_readme_lists_every_first_party_plugin(plugin):
     assert f"`plugins/{plugin}/`" in README.read_text(), \
         f"README.md's layout table needs a row for plugins/{plugin}/ (see the comment below the table)"
+
+
+def test_plugins_and_the_tutorial_require_the_core_python():
+    import tomllib
+
+    def requires(path):
+        return tomllib.loads(path.read_text())["project"]["requires-python"]
+
+    core = requires(ROOT / "pyproject.toml")
+    for path in [ROOT / "contrib" / "template" / "pyproject.toml", *sorted((ROOT / "plugins").glob("*/pyproject.toml"))]:
+        assert requires(path) == core, f"{path.relative_to(ROOT)}: requires-python should be {core!r}, like the core"
+    tutorial = (ROOT / "docs" / "plugins" / "tutorial.md").read_text()
+    assert re.findall(r'requires-python = "([^"]+)"', tutorial) == [core], \
+        f"docs/plugins/tutorial.md's pyproject should say requires-python = {core!r}"
