@@ -117,8 +117,7 @@ class TritonGPTQLinear(TritonLinear):
         p = self.fmt.to_dict()
         group = self.shape[1] if p["group_size"] == -1 else p["group_size"]
         s = self.stored()
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return gptq_matmul(x, s["qweight"], s["qzeros"], s["scales"], s.get("g_idx"), bias,
+        return gptq_matmul(x, s["qweight"], s["qzeros"], s["scales"], s.get("g_idx"), self.bias,
                            bits=p["bits"], group_size=group, **self.blocks())
 
 
@@ -165,10 +164,6 @@ class TritonBackend(Backend):
         accepted = attrs.fields_dict(cls) if attrs.has(cls) else fields
         return cls(**{k: v for k, v in fields.items() if k in accepted})
 
-    def memory_report(self) -> dict:
-        caps = self.capabilities()
-        return {"device": caps.device, "free_bytes": caps.free_memory, "total_bytes": caps.total_memory}
-
     def kernel(self, fmt, stored: Mapping[str, torch.Tensor], shape, bias=None) -> torch.nn.Module | None:
         if not self.active() or fmt.name not in NATIVE:
             return None
@@ -181,7 +176,7 @@ class TritonBackend(Backend):
             needed, cls = MDBF_STORED, TritonMDBFLinear
         if set(stored) != set(needed):
             return None
-        stored = {k: v for k, v in stored.items()}
+        stored = dict(stored)
         if not self.interpret:
             dev = self.device()
             stored = {k: v.to(dev) for k, v in stored.items()}
