@@ -1,4 +1,4 @@
-"""One-invocation comparison with peer tools on the benchmark protocol (BENCHMARK.md).
+"""One-invocation comparison with peer tools on the benchmark protocol (docs/protocol.md).
 
     python benchmarks/compare.py --setup [tool ...]          # create benchmarks/.venvs/<tool> (once)
     python benchmarks/compare.py                             # every tool and setting below, then the table

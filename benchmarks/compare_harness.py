@@ -22,7 +22,7 @@ PEERS = Path(__file__).resolve().parent / "peers"
 JSON = RESULTS / "compare.json"
 #: the protocol's calibration and evaluation windows; smaller runs never write JSON
 FULL = {"samples": 128, "windows": 40}
-FP_REFERENCE = {"kjv-gospels": 15.02, "pydoc-topics": 14.01}  # BENCHMARK.md, fp32
+FP_REFERENCE = {"kjv-gospels": 15.02, "pydoc-topics": 14.01}  # docs/protocol.md, fp32
 
 #: prints the unconditional (non-extra) requirements of a distribution, one a line
 DEPS_OF = """

@@ -1,4 +1,4 @@
-"""Quality on the benchmark protocol (BENCHMARK.md): ppl on both texts, exact bpw, time, peak memory.
+"""Quality on the benchmark protocol (docs/protocol.md): ppl on both texts, exact bpw, time, peak memory.
 
     python benchmarks/quality.py gptq-w4g128 rtn-w3g128 ...    # named settings below
     python benchmarks/quality.py --list

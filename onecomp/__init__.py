@@ -5,7 +5,9 @@ Public API for users and plugin authors::
     import onecomp
     model = onecomp.load("runs/default/01-layerwise")       # a checkpoint
     onecomp.run("examples/gptq-4bit.toml")                  # a whole pipeline
-    from onecomp import hookimpl, Quantizer, Format, LayerTask, Compressed
+    onecomp.compress(model, tokenizer, {"plan": ...})      # the same stages on a model object, in place
+    from onecomp import hookimpl, Quantizer, Format, LayerTask, Compressed, StageContext
+    from onecomp import training                              # the engine training refiners share
 
 Names are imported on first use, so ``import onecomp`` (and the pytest plugin) stays
 cheap: torch loads only when a component type is touched.
@@ -13,14 +15,16 @@ cheap: torch loads only when a component type is touched.
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS = {
-    "components": ["Backend", "Compressed", "ComponentSpec", "Format", "LayerStats", "LayerTask", "NoConfig",
-                   "Planner", "Quantizer", "Refiner", "Regularizer", "matches", "stored_bits"],
-    "config": ["in_range", "one_of"],
+    "components": ["Backend", "BackendCapabilities", "BlockReport", "CheckpointInfo", "Compressed", "ComponentSpec",
+                   "Format", "LayerReport", "LayerStats", "LayerTask", "NoConfig", "Planner", "Quantizer", "Refiner",
+                   "Regularizer", "RunInfo", "StageContext", "StageInfo", "StageReport", "matches",
+                   "replace_module", "stored_bits"],
+    "validation": ["build_config", "finite", "in_range", "one_of", "positive"],
     "errors": ["CheckpointError", "ConfigError", "DuplicateComponent", "FormatError", "ModelLoadError",
-               "OneCompError", "UnknownComponent"],
+               "OneCompError", "RunError", "UnknownComponent"],
     "hookspecs": ["hookimpl"],
     "registry": ["Registry"],
 }
@@ -46,6 +50,13 @@ def load(path, registry=None, **kw):
     return _load(path, registry, **kw)
 
 
+def compress(model, tokenizer=None, config=None, **kw):
+    """Compress a model object in place with a pipeline config (no output directory); stage reports."""
+    from .pipeline import compress as _compress
+
+    return _compress(model, tokenizer, config, **kw)
+
+
 def run(config=None, **kw):
     """Run a whole pipeline (a config path, a dict, or None for the embedded default)."""
     from .pipeline import run as _run
@@ -53,4 +64,4 @@ def run(config=None, **kw):
     return _run(config, **kw)
 
 
-__all__ = [*_WHERE, "load", "run", "__version__"]
+__all__ = [*_WHERE, "compress", "load", "run", "__version__"]

@@ -50,6 +50,9 @@ def _cmd_inspect(args) -> int:
 
     loaded = load_model(args.model, args.dtype)
     summary = inspect_model(loaded.model).summary()
+    formats = _quantized_formats(loaded.model)
+    if formats:
+        summary["quantized"] = formats
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -60,7 +63,26 @@ def _cmd_inspect(args) -> int:
     for name, shape in summary["linears_per_block"].items():
         print(f"  {name:<24} {tuple(shape)}")
     print("fused input groups: " + "; ".join("/".join(g) for g in summary["fused_groups"]))
+    for fmt, row in formats.items():
+        print(f"quantized: {row['layers']} layers in format {fmt} {row['params']}, "
+              f"{row['bits_per_weight']:.4f} bits per weight")
     return 0
+
+
+def _quantized_formats(model) -> dict:
+    """Per format: how many layers of a loaded checkpoint use it, with which params, at what bits."""
+    from .checkpoint import quantized_modules
+    from .components import stored_bits
+
+    out: dict = {}
+    for m in quantized_modules(model).values():
+        row = out.setdefault(m.format.name, {"layers": 0, "params": set(), "bits": 0, "weights": 0})
+        row["layers"] += 1
+        row["params"].add(str(m.format.to_dict()))
+        row["bits"] += stored_bits(m.stored())
+        row["weights"] += m.in_features * m.out_features
+    return {k: {"layers": r["layers"], "params": "; ".join(sorted(r["params"])),
+                "bits_per_weight": r["bits"] / r["weights"]} for k, r in out.items()}
 
 
 def _cmd_eval(args) -> int:
@@ -81,7 +103,10 @@ def _cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     p = argparse.ArgumentParser(prog="onecomp", description="Compress language models after training.")
+    p.add_argument("--version", action="version", version=f"onecomp {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a pipeline (no CONFIG: the embedded default, GPTQ 4-bit g128 + QEP on SmolLM2-135M)")
@@ -102,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_inspect)
 
-    e = sub.add_parser("eval", help="perplexity of a model or checkpoint (BENCHMARK.md protocol)")
+    e = sub.add_parser("eval", help="perplexity of a model or checkpoint (the protocol of docs/protocol.md)")
     e.add_argument("model", help="smollm2-135m, an HF directory or hub id, a .gguf file, or a checkpoint")
     e.add_argument("--text", action="append", help="kjv-gospels, pydoc-topics or a text file (repeatable)")
     e.add_argument("--windows", type=int, default=40)

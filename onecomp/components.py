@@ -7,12 +7,15 @@ they document the contract and give sensible defaults.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import attrs
 import torch
+from torch import nn
 
 from .errors import FormatError
+from .validation import build_config
 
 KINDS = ("quantizer", "format", "planner", "refiner", "backend", "regularizer")
 
@@ -50,7 +53,7 @@ class LayerTask:
     """What a quantizer is asked to compress: one linear layer's fp32 weight and its statistics.
 
     ``W`` is ``[out, in]``. Layer-scope refiners (QEP) may replace ``W`` with a corrected
-    target before the quantizer sees it; ``original_W`` keeps the model's weight.
+    target before the quantizer sees it.
     """
 
     name: str
@@ -59,7 +62,6 @@ class LayerTask:
     bias: torch.Tensor | None = None
     group: str | None = None
     seed: int = 0
-    original_W: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,13 +70,18 @@ class LayerTask:
 
 @attrs.define
 class Compressed:
-    """A weight stored in a registered format: packed tensors plus JSON-able params."""
+    """A weight stored in a registered format: the format instance (bound to its params) and
+    the stored tensors it packed."""
 
-    format: str
-    params: dict
+    format: "Format"
     tensors: dict[str, torch.Tensor]
     shape: tuple[int, int]
     info: dict = attrs.Factory(dict)  # free-form numbers for reports (loss, seconds)
+
+    @property
+    def params(self) -> dict:
+        """The format's params as JSON-able values (what the manifest records)."""
+        return self.format.to_dict()
 
 
 @attrs.frozen
@@ -107,6 +114,119 @@ def stored_bits(tensors: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() * 8 for t in tensors.values())
 
 
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted path ``name`` under ``root`` (e.g. a QuantLinear for a Linear)."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+# ---------------------------------------------------------------- what stages and hooks are handed
+
+
+@attrs.define
+class RunInfo:
+    """What observer hooks learn about the run: its config, output directory, model and plan."""
+
+    config: dict
+    out_dir: Path | None
+    model: str
+    plan: dict = attrs.Factory(dict)
+
+
+@attrs.define
+class StageInfo:
+    """A stage of the pipeline: ``layerwise`` or a refiner's name, its scope and 1-based index."""
+
+    name: str
+    scope: str
+    index: int
+
+
+@attrs.define
+class LayerReport:
+    """One quantized linear layer: format, exact bits per weight, relative output error, time."""
+
+    name: str
+    format: str
+    bits_per_weight: float
+    rel_error: float | None
+    seconds: float
+    info: dict = attrs.Factory(dict)
+
+
+@attrs.define
+class BlockReport:
+    """One decoder block finished by the layer-wise stage, with its layers' reports."""
+
+    index: int
+    seconds: float
+    layers: list
+
+
+@attrs.define
+class CheckpointInfo:
+    """A checkpoint directory just written, and its manifest."""
+
+    path: Path
+    manifest: dict
+
+
+@attrs.define
+class StageReport:
+    """A finished stage: checkpoint, perplexities, bits, time, peak memory and the stage's details."""
+
+    name: str
+    index: int
+    scope: str
+    checkpoint: str
+    ppl: dict
+    bits: dict
+    seconds: float
+    peak_rss_mb: float
+    details: dict = attrs.Factory(dict)
+
+    def to_dict(self) -> dict:
+        return attrs.asdict(self)
+
+
+@attrs.define
+class StageContext:
+    """What a block- or model-scope refiner gets: the model, its fp teacher, calibration windows.
+
+    ``work_dir`` holds per-block progress (``onecomp.checkpoint.BlockStore``) so a crashed stage
+    resumes; ``regularizers`` are instances, resolved once from the refiner's config."""
+
+    model: nn.Module
+    teacher: nn.Module | None
+    inspection: Any
+    windows: torch.Tensor
+    batch_size: int
+    registry: Any
+    regularizers: list
+    seed: int
+    progress: bool
+    work_dir: Path
+
+
+@attrs.frozen
+class BackendCapabilities:
+    """What a backend reports: where it runs, its memory, and which formats it runs natively
+    (format name -> bit widths its kernels take; other formats fall back to dequantize-then-matmul)."""
+
+    name: str
+    device: str
+    free_memory: int | None = None  # bytes
+    total_memory: int | None = None  # bytes
+    formats: Mapping[str, tuple[int, ...]] = attrs.Factory(dict)
+    threads: int | None = None
+    notes: str = ""
+
+    def to_dict(self) -> dict:
+        d = attrs.asdict(self)
+        d["formats"] = {k: list(v) for k, v in self.formats.items()}
+        return d
+
+
 # ---------------------------------------------------------------- component bases
 
 
@@ -133,8 +253,6 @@ class Format:
 
     @classmethod
     def from_dict(cls, params: Mapping) -> "Format":
-        from .config import build_config
-
         return cls(build_config(cls.Config, dict(params), "params"))
 
     def to_dict(self) -> dict:
@@ -256,7 +374,12 @@ class Planner:
 
 
 class Backend:
-    """Where tensors live and how linear layers run."""
+    """Where tensors live and how quantized linear layers run.
+
+    ``kernel`` returns a module that computes ``x @ Ŵᵀ + bias`` straight from a format's stored
+    tensors, or None to decline; declined layers go to the next backend and finally to the
+    format's reference path (dequantize, then matmul). ``capabilities`` is what planners and
+    ``onecomp plugins`` read."""
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
@@ -267,8 +390,12 @@ class Backend:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def memory_report(self) -> dict:
-        return {}
+    def capabilities(self) -> BackendCapabilities:
+        return BackendCapabilities(self.name, str(self.device()))
+
+    def kernel(self, fmt: "Format", stored: Mapping[str, torch.Tensor], shape: tuple[int, int],
+               bias: torch.Tensor | None) -> nn.Module | None:
+        return None
 
 
 class Regularizer:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import typing
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,84 +16,9 @@ import attrs
 
 from .components import ComponentSpec
 from .errors import ConfigError
-
-# ------------------------------------------------------------------ validators
-
-
-def in_range(lo=None, hi=None, *, lo_open=False, hi_open=False):
-    """attrs validator: ``lo <= value <= hi`` (bounds optional, open if asked)."""
-
-    def check(inst, attribute, value):
-        bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
-              (hi is not None and (value >= hi if hi_open else value > hi))
-        if bad or isinstance(value, bool):
-            left = "(" if lo_open else "["
-            right = ")" if hi_open else "]"
-            raise ConfigError(attribute.name, f"must be in {left}{'-inf' if lo is None else lo}, "
-                                              f"{'inf' if hi is None else hi}{right}, got {value!r}")
-
-    return check
-
-
-def one_of(*allowed):
-    """attrs validator: value is one of ``allowed``."""
-
-    def check(inst, attribute, value):
-        if value not in allowed:
-            raise ConfigError(attribute.name, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-    return check
-
-
-def _type_check(cls, attribute, value, path):
-    """Check a raw value against an attrs field's annotated type where it is a simple one."""
-    typ = attribute.type
-    if isinstance(typ, str):
-        try:
-            typ = typing.get_type_hints(cls)[attribute.name]
-        except Exception:
-            return value
-    if typ is list:
-        if not isinstance(value, list):
-            raise ConfigError(path, f"must be a list, got {value!r}")
-        return value
-    simple = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
-    if typ in simple:
-        ok = (isinstance(value, typ) and not (typ is int and isinstance(value, bool))) or \
-             (typ is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            raise ConfigError(path, f"must be {simple[typ]}, got {value!r}")
-        return float(value) if typ is float else value
-    return value
-
-
-def build_config(cls, params: Mapping[str, Any], path: str = ""):
-    """Instantiate attrs class ``cls`` from ``params``; errors name ``path.field`` and allowed keys."""
-    if not isinstance(params, Mapping):
-        raise ConfigError(path, f"must be a table, got {params!r}")
-    fields = {a.name: a for a in attrs.fields(cls)}
-    unknown = sorted(set(params) - set(fields))
-    if unknown:
-        raise ConfigError(f"{path}.{unknown[0]}" if path else unknown[0],
-                          f"unknown key; allowed: {', '.join(fields) if fields else 'none'}")
-    kwargs = {}
-    for key, value in params.items():
-        sub = f"{path}.{key}" if path else key
-        kwargs[key] = _type_check(cls, fields[key], value, sub)
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise exc.under(path) if path else exc from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(path, str(exc)) from None
-
+from .validation import build_config, in_range, one_of, positive
 
 # ------------------------------------------------------------------ the pipeline config
-
-
-def _positive(inst, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(attribute.name, f"must be a positive integer, got {value!r}")
 
 
 @attrs.define
@@ -121,10 +45,10 @@ class CalibrationSection:
     """Calibration text and how many windows of how many tokens to draw from it."""
 
     corpus: list = attrs.Factory(lambda: [CorpusSpec()])
-    samples: int = attrs.field(default=128, validator=_positive)
-    seq_len: int = attrs.field(default=512, validator=_positive)
+    samples: int = attrs.field(default=128, validator=positive)
+    seq_len: int = attrs.field(default=512, validator=positive)
     seed: int = 0
-    batch_size: int = attrs.field(default=8, validator=_positive)
+    batch_size: int = attrs.field(default=8, validator=positive)
     # "layer": each input group is calibrated after the groups before it in the block are quantized
     # (Llama-style blocks without the 'cross' statistic); "block": one statistics pass per block on its
     # original weights (docs/config.md, [calibration])
@@ -135,12 +59,12 @@ class CalibrationSection:
 
 @attrs.define
 class EvaluationSection:
-    """Perplexity texts (BENCHMARK.md): ``kjv-gospels``, ``pydoc-topics`` or a text file path."""
+    """Perplexity texts (docs/protocol.md): ``kjv-gospels``, ``pydoc-topics`` or a text file path."""
 
     texts: list = attrs.Factory(lambda: ["kjv-gospels", "pydoc-topics"])
-    windows: int = attrs.field(default=40, validator=_positive)
-    seq_len: int = attrs.field(default=512, validator=_positive)
-    batch_size: int = attrs.field(default=1, validator=_positive)  # the logits dominate memory, not speed
+    windows: int = attrs.field(default=40, validator=positive)
+    seq_len: int = attrs.field(default=512, validator=positive)
+    batch_size: int = attrs.field(default=1, validator=positive)  # the logits dominate memory, not speed
     before: bool = True
 
 
@@ -157,7 +81,9 @@ class PipelineConfig:
     calibration: CalibrationSection = attrs.Factory(CalibrationSection)
     planner: ComponentSpec | None = None
     quantizer: ComponentSpec | None = None
-    refiners: list = attrs.Factory(list)  # list[ComponentSpec]; regularizers ride inside refiner configs
+    refiners: list = attrs.Factory(list)  # list[ComponentSpec]
+    #: per refiner, its regularizers as ComponentSpecs (resolved once, from the refiner's config)
+    regularizers: list = attrs.Factory(list)
     backend: ComponentSpec | None = None
     evaluation: EvaluationSection = attrs.Factory(EvaluationSection)
     output: OutputSection = attrs.Factory(OutputSection)
@@ -263,21 +189,24 @@ def load_config(source: str | os.PathLike | Mapping | None = None, registry=None
         raise ConfigError("plan.quantizer", f"the {planner.name!r} planner needs a quantizer table, e.g. "
                           f"{{ name = \"gptq\", bits = 4 }}; installed: {', '.join(registry.names('quantizer'))}")
 
-    refiners = []
+    refiners, regularizers = [], []
     tables = raw.get("refiners", [])
     if not isinstance(tables, list):
         raise ConfigError("refiners", "must be a list of refiner tables ([[refiners]] in TOML)")
     for i, table in enumerate(tables):
         spec = registry.resolve("refiner", table, f"refiners[{i}]")
-        for j, reg in enumerate(getattr(spec.config, "regularizers", None) or []):
-            registry.resolve("regularizer", reg, f"refiners[{i}].regularizers[{j}]")
+        regs = getattr(spec.config, "regularizers", None) or []
+        if not isinstance(regs, list):
+            raise ConfigError(f"refiners[{i}].regularizers", "must be a list of regularizer tables")
+        regularizers.append([registry.resolve("regularizer", reg, f"refiners[{i}].regularizers[{j}]")
+                             for j, reg in enumerate(regs)])
         refiners.append(spec)
     backend = registry.resolve("backend", raw.get("backend", "torch"), "backend")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError("seed", f"must be an integer, got {seed!r}")
     return PipelineConfig(model=model, calibration=calibration, planner=planner, quantizer=quantizer,
-                          refiners=refiners, backend=backend, evaluation=evaluation, output=output,
+                          refiners=refiners, regularizers=regularizers, backend=backend, evaluation=evaluation, output=output,
                           seed=seed, raw=json.loads(json.dumps(raw, default=str)))
 
 

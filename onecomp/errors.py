@@ -39,3 +39,7 @@ class CheckpointError(OneCompError):
 
 class ModelLoadError(OneCompError):
     """A model could not be found or loaded."""
+
+
+class RunError(OneCompError):
+    """A pipeline run cannot start or go on (its output directory holds another run, nothing to resume)."""

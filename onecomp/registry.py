@@ -32,22 +32,16 @@ BUILTINS = (
     "onecomp.builtin.refiners",
 )
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
-#: which distribution to install for a first-party name not found locally
+#: which first-party distribution (under plugins/) to install for a name not found locally
 KNOWN_PROVIDERS = {
     ("quantizer", "gptq"): "onecomp-gptq",
     ("quantizer", "rtn"): "onecomp-gptq",
     ("format", "gptq"): "onecomp-gptq",
     ("refiner", "qep"): "onecomp-qep",
-    ("refiner", "lpcd"): "onecomp-lpcd",
     ("quantizer", "mdbf"): "onecomp-mdbf",
     ("format", "mdbf"): "onecomp-mdbf",
-    ("refiner", "lordba"): "onecomp-lordba",
-    ("format", "lordba"): "onecomp-lordba",
     ("regularizer", "signlock"): "onecomp-signlock",
-    ("planner", "autobit"): "onecomp-autobit",
     ("backend", "triton"): "onecomp-triton",
-    ("refiner", "blockwise"): "onecomp",
-    ("refiner", "global"): "onecomp",
 }
 
 
@@ -242,7 +236,7 @@ class Registry:
         if close:
             msg += f" (did you mean {close[0]!r}?)"
         provider = KNOWN_PROVIDERS.get((kind, name))
-        if provider and provider != "onecomp":
+        if provider:
             msg += f"; it is provided by {provider}: pip install {provider}"
         for err in self._errors:
             msg += f"\n  plugin {err.plugin} from {err.dist} failed to load: {err.error}"
@@ -262,7 +256,7 @@ class Registry:
 
     def resolve(self, kind: str, table: Mapping | str, path: str = "") -> ComponentSpec:
         """A ComponentSpec from ``{"name": ..., **params}`` (or a bare name), validated by its Config."""
-        from .config import build_config
+        from .validation import build_config
 
         if isinstance(table, str):
             table = {"name": table}

@@ -10,7 +10,7 @@ from onecomp.calibration import (SequentialCapture, StatsCollector, calibration_
 from onecomp.calibration.capture import _input_of, run_block
 from onecomp.config import CorpusSpec
 from onecomp.models import inspect_model
-from onecomp.models.inspect import find_blocks
+from onecomp.models.structure import find_blocks
 from onecomp.testing.strategies import make_stats
 
 # ------------------------------------------------------------------ token windows

@@ -8,7 +8,7 @@ import torch
 
 import onecomp
 import onecomp.checkpoint.io as ckpt_io
-from onecomp import CheckpointError, Registry
+from onecomp import CheckpointError, Registry, stored_bits
 from onecomp.builtin.dense import Dense
 from onecomp.checkpoint import QuantLinear, bits_summary, quantized_modules, read_manifest, save_checkpoint, verify
 from onecomp.models import inspect_model
@@ -169,6 +169,6 @@ def test_quantlinear_is_a_drop_in_linear():
     x = torch.randn(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(q(x), lin(x))
-    assert q.bits() == 4 * 8 * 32 and "format=dense" in repr(q)
+    assert stored_bits(q.stored()) == 4 * 8 * 32 and "format=dense" in repr(q)
     assert set(q.state_dict()) == {"weight", "bias"}
     torch.testing.assert_close(q.weight, lin.weight.detach())

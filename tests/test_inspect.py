@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from onecomp.models import inspect_model
-from onecomp.models.inspect import find_blocks
+from onecomp.models.structure import find_blocks
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, use_cache=False)

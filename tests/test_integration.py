@@ -17,7 +17,7 @@ def smollm():
 
 
 def test_fp32_perplexity_matches_the_protocol(smollm):
-    """BENCHMARK.md: fp32 SmolLM2-135M has ppl 15.02 on the KJV gospels (40 × 512 tokens)."""
+    """docs/protocol.md: fp32 SmolLM2-135M has ppl 15.02 on the KJV gospels (40 × 512 tokens)."""
     ppl = perplexity(smollm.model, eval_windows(smollm.tokenizer, "kjv-gospels", 40, 512))
     assert ppl == pytest.approx(15.02, abs=0.01)
 

@@ -223,3 +223,51 @@ def test_layer_and_block_calibration_agree_on_block_0_q_k_v(tiny_llama, registry
         assert torch.equal(a.dequantize(), b.dequantize())
     assert not torch.equal(tiny_llama.model.layers[0].mlp.down_proj.dequantize(),
                            other.model.layers[0].mlp.down_proj.dequantize())
+
+
+def test_compress_runs_the_stages_on_a_model_object(tiny_llama):
+    """onecomp.compress quantizes a model in place, with the same plan and stages as run(), and the
+    hooks see one StageInfo type under ``stage`` at start and end."""
+    from onecomp import Registry, StageInfo, StageReport
+    from onecomp.checkpoint import quantized_modules
+
+    seen = []
+
+    class Observer:
+        @hookimpl
+        def on_stage_start(self, run, stage):
+            seen.append(("start", type(stage)))
+
+        @hookimpl
+        def on_stage_end(self, run, stage, report):
+            seen.append(("end", type(stage), type(report)))
+
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    reg = Registry()
+    with reg.temporarily(Observer(), name="observer"):
+        reports = onecomp.compress(tiny_llama, config={
+            "plan": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 32}},
+            "refiners": [{"name": "blockwise", "epochs": 1}]}, windows=windows, registry=reg)
+    assert [r.name for r in reports] == ["layerwise", "blockwise"]
+    assert len(quantized_modules(tiny_llama)) == 14
+    assert reports[1].details["loss_after"] <= reports[1].details["loss_before"]
+    assert seen == [("start", StageInfo), ("end", StageInfo, StageReport)] * 2
+
+
+def test_compress_needs_a_tokenizer_or_windows(tiny_llama):
+    with pytest.raises(onecomp.RunError, match="tokenizer"):
+        onecomp.compress(tiny_llama, config={"plan": {"quantizer": {"name": "rtn"}}})
+
+
+def test_inspect_and_version_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    onecomp.run(config(tiny_model_dir, out, quantizer={"name": "rtn", "bits": 4, "group_size": 32},
+                       evaluation={"texts": ["kjv-gospels"], "windows": 1, "seq_len": 32, "before": False}),
+                progress=False)
+    capsys.readouterr()
+    assert cli(["inspect", str(out / "01-layerwise")]) == 0
+    text = capsys.readouterr().out
+    assert "blocks: 2" in text and "quantized: 14 layers in format gptq" in text
+    with pytest.raises(SystemExit) as info:
+        cli(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"onecomp {onecomp.__version__}"

@@ -126,7 +126,7 @@ class RowRTN(Quantizer):
         scale = task.W.abs().amax(1).clamp(min=1e-8) / 3
         codes = (task.W / scale[:, None]).round().clamp(-3, 3).to(torch.int8)
         fmt = RowInt3()
-        return Compressed("test-rowint3", {}, fmt.pack({"codes": codes, "scale": scale}, task.W.shape),
+        return Compressed(fmt, fmt.pack({"codes": codes, "scale": scale}, task.W.shape),
                           tuple(task.W.shape))
 
 
@@ -273,12 +273,13 @@ class _Codes:
 
 
 def _fit_pushing_codes_up(**overrides):
-    from onecomp.builtin.refiners import BlockwiseConfig, _Trainer
+    from onecomp.builtin.refiners import BlockwiseConfig
+    from onecomp.training import Trainer
 
     start = torch.tensor([0.0, 3.0, 5.0])
     layer = _Codes(start)
     cfg = BlockwiseConfig(**{"lr_discrete": 0.5, "epochs": 3, **overrides})
-    trainer = _Trainer({"l": layer}, "", cfg, [])
+    trainer = Trainer({"l": layer}, "", cfg, [])
     rates = []
 
     def loss(i):
@@ -310,7 +311,7 @@ def test_schedule_is_validated(tiny_model_dir, tmp_path):
 def test_block_objective_weights_tokens_as_configured():
     """"block" weighs the squared error to give ‖Ŷ − Y‖²/‖Y‖²; "token" gives the mean of each token's
     relative error, so one token with a 100× norm (an attention sink) dominates the first only."""
-    from onecomp.builtin.refiners import token_weights
+    from onecomp.training import token_weights
 
     Y = [torch.ones(2, 4, 8), torch.ones(1, 4, 8)]
     Y[0][0, 0] *= 100  # the sink token

@@ -351,13 +351,13 @@ def test_observer_hooks_reach_plugins():
 
     class Observer:
         @hookimpl
-        def on_stage_end(self, run, stage):
-            seen.append((run, stage))
+        def on_stage_end(self, run, stage, report):
+            seen.append((run, stage, report))
 
     with reg.temporarily(Observer(), name="observer"):
-        reg.hook.on_stage_end(run="r", stage="s")
-    reg.hook.on_stage_end(run="r2", stage="s2")
-    assert seen == [("r", "s")]
+        reg.hook.on_stage_end(run="r", stage="s", report="p")
+    reg.hook.on_stage_end(run="r2", stage="s2", report="p2")
+    assert seen == [("r", "s", "p")]
 
 
 def test_hookimpl_with_an_unknown_argument_is_refused():
@@ -401,3 +401,14 @@ def test_public_api_exports():
     for name in onecomp.__all__:
         assert hasattr(onecomp, name), name
     assert attrs.has(DenseParams)
+
+
+def test_known_providers_are_first_party_distributions():
+    """The install hint for a missing component names a distribution that exists under plugins/."""
+    from pathlib import Path
+
+    from onecomp.registry import KNOWN_PROVIDERS
+
+    plugins = Path(__file__).resolve().parents[1] / "plugins"
+    for (kind, name), dist in KNOWN_PROVIDERS.items():
+        assert (plugins / dist / "pyproject.toml").is_file(), f"{kind} {name}: {dist} is not under plugins/"

@@ -4,7 +4,7 @@
 (lm_head and embeddings stay fp), scales and zero points in fp16 (HQQ's default compute dtype); the
 calibration windows are not used (HQQ needs none). HQQ groups ``group_size`` consecutive weights of the
 flattened matrix: with group 128 on the 576-wide layers a group can span two rows (576 = 4.5 × 128),
-unlike BENCHMARK.md's groups; group 64 keeps groups inside rows. HQQ's own save format is a torch pickle,
+unlike the protocol's groups (docs/protocol.md); group 64 keeps groups inside rows. HQQ's own save format is a torch pickle,
 so the runner stores the tensors of every HQQLinear state dict (W_q, scale, zero, ...) in a safetensors
 file and counts those. ppl: each HQQLinear replaced by an fp32 nn.Linear holding its dequantized weight.
 """

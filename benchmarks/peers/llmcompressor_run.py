@@ -4,7 +4,7 @@ Calibration goes in as a ready torch DataLoader over our windows (batch 1, in or
 all-ones ``attention_mask``): llmcompressor then skips its dataset loading, tokenisation, shuffling and
 BOS handling. The 576-wide layers of the embedded model are not a multiple of 128; the modifier refuses
 them unless ``bypass_divisibility_checks=True`` (setting ``bypass``), in which case the last group of a
-row is shorter, as in BENCHMARK.md. ppl is measured on the in-memory model after ``oneshot`` (its
+row is shorter, as in docs/protocol.md. ppl is measured on the in-memory model after ``oneshot`` (its
 weights hold GPTQ's quantized-dequantized values and compressed-tensors' fake-quant forward applies the
 stored scales/zero points), before saving with ``save_pretrained(save_compressed=True)``
 (compressed-tensors ``pack-quantized``), whose tensors give the bits per weight.

@@ -6,7 +6,7 @@ import attrs
 import torch
 
 from ..components import Format
-from ..config import one_of
+from ..validation import one_of
 from ..errors import FormatError
 from ..hookspecs import hookimpl
 

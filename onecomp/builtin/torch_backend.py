@@ -6,8 +6,8 @@ import attrs
 import psutil
 import torch
 
-from ..components import Backend
-from ..config import in_range, one_of
+from ..components import Backend, BackendCapabilities
+from ..validation import in_range, one_of
 from ..hookspecs import hookimpl
 
 
@@ -56,12 +56,13 @@ class TorchBackend(Backend):
             return torch.device("cuda")
         return torch.device("cpu")
 
-    def memory_report(self):
+    def capabilities(self) -> BackendCapabilities:
         if self.device().type == "cuda":
             free, total = torch.cuda.mem_get_info()
-            return {"device": "cuda", "total_bytes": total, "free_bytes": free}
+            return BackendCapabilities(self.name, "cuda", free, total, {})
         vm = psutil.virtual_memory()
-        return {"device": "cpu", "total_bytes": vm.total, "free_bytes": vm.available, "threads": torch.get_num_threads()}
+        return BackendCapabilities(self.name, "cpu", vm.available, vm.total, {}, torch.get_num_threads(),
+                                   "every format through its reference path (dequantize, then matmul)")
 
 
 @hookimpl

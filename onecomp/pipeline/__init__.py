@@ -1,5 +1,5 @@
 """The pipeline: plan → layer-wise stage (pivot) → later stages → reports."""
 
-from .run import StageContext, run
+from .run import compress, run
 
-__all__ = ["StageContext", "run"]
+__all__ = ["compress", "run"]

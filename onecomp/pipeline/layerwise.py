@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import BlockInputs, SequentialCapture, capture_block, first_block_inputs, propagate_, stages_supported
 from ..checkpoint import BlockStore, QuantLinear
-from ..components import LayerStats, LayerTask
-from .report import BlockReport, LayerReport
+from ..components import BlockReport, LayerReport, LayerStats, LayerTask, replace_module, stored_bits
 
 
 @attrs.define
@@ -36,11 +35,6 @@ class LayerwiseContext:
     run_info: object = None
     sequential: str = "layer"  # see CalibrationSection.sequential
     keep_mb: float = 512  # see CalibrationSection.keep_mb
-
-
-def _replace(model, name: str, module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def _key(spec) -> str:
@@ -185,19 +179,20 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, f
             W = linear.weight.detach().to(torch.float32, copy=True)  # the task's own: the weight is overwritten by Ŵ
             group_stats = stats.get(group[0])
             task = LayerTask(name=full, W=W, stats=group_stats if group_stats is not None else LayerStats(),
-                             bias=linear.bias, group=f"{info.prefix}.{group[0]}", seed=ctx.seed, original_W=W)
+                             bias=linear.bias, group=f"{info.prefix}.{group[0]}", seed=ctx.seed)
             for r in ctx.refiners:
                 if r.applies_to(full):
                     task = r.adjust(task)
             compressed = quantizers[_key(planned[rel])].quantize(task)
-            fmt = registry.get("format", compressed.format).from_dict(compressed.params)
+            fmt = compressed.format
+            registry.get("format", fmt.name)  # a format the checkpoint loader will find by name
             fmt.check(compressed.tensors, compressed.shape)
-            q = QuantLinear.from_compressed(fmt, compressed, linear.bias)
+            q = QuantLinear.from_compressed(compressed, linear.bias)
             W_hat = q.dequantize()
             err = relative_error(W, W_hat, task.stats.H)
             q._cache = _cache_over_weight(ctx.model, linear, W_hat)  # the first forward would compute the same
-            _replace(block, rel, q.to(W.device))
-            rep = LayerReport(full, fmt.name, q.bits() / W.numel(), err, time.perf_counter() - t0,
+            replace_module(block, rel, q.to(W.device))
+            rep = LayerReport(full, fmt.name, stored_bits(q.stored()) / W.numel(), err, time.perf_counter() - t0,
                               {k: v for k, v in compressed.info.items() if isinstance(v, (int, float, str))})
             reports.append(rep)
             if ctx.run_info is not None:

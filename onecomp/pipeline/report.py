@@ -1,4 +1,4 @@
-"""Stage reports (JSON + markdown), run info objects passed to observer hooks, and memory tracking."""
+"""Stage reports as JSON and markdown, and time and peak-memory tracking."""
 
 from __future__ import annotations
 
@@ -8,64 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-import attrs
 import psutil
 
-
-@attrs.define
-class RunInfo:
-    """What observer hooks learn about the run."""
-
-    config: dict
-    out_dir: Path
-    model: str
-    plan: dict = attrs.Factory(dict)
-
-
-@attrs.define
-class StageInfo:
-    name: str
-    scope: str
-    index: int
-
-
-@attrs.define
-class LayerReport:
-    name: str
-    format: str
-    bits_per_weight: float
-    rel_error: float | None
-    seconds: float
-    info: dict = attrs.Factory(dict)
-
-
-@attrs.define
-class BlockReport:
-    index: int
-    seconds: float
-    layers: list
-
-
-@attrs.define
-class CheckpointInfo:
-    path: Path
-    manifest: dict
-
-
-@attrs.define
-class StageReport:
-    name: str
-    index: int
-    scope: str
-    checkpoint: str
-    ppl: dict
-    bits: dict
-    seconds: float
-    peak_rss_mb: float
-    details: dict = attrs.Factory(dict)
-
-    def to_dict(self) -> dict:
-        return attrs.asdict(self)
+from ..components import StageReport
 
 
 class PeakMemory:

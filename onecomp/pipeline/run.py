@@ -25,35 +25,15 @@ import torch
 from ..calibration import calibration_windows
 from ..checkpoint import bits_summary, save_checkpoint
 from ..config import PipelineConfig, load_config
-from ..errors import OneCompError
+from ..errors import RunError
 from ..evaluation import eval_windows, perplexity
 from ..models import inspect_model, load_model
 from ..registry import Registry
 from .layerwise import LayerwiseContext, run_layerwise
-from .report import (CheckpointInfo, PeakMemory, RunInfo, StageInfo, StageReport, Timer, run_markdown,
-                     stage_markdown, write_json)
+from ..components import CheckpointInfo, RunInfo, StageContext, StageInfo, StageReport
+from .report import PeakMemory, Timer, run_markdown, stage_markdown, write_json
 
 log = logging.getLogger("onecomp")
-
-
-@attrs.define
-class StageContext:
-    """What a block- or model-scope refiner gets: the model, its fp teacher, calibration data."""
-
-    model: torch.nn.Module
-    teacher: torch.nn.Module | None
-    inspection: object
-    windows: torch.Tensor
-    batch_size: int
-    registry: object
-    regularizers: list
-    seed: int
-    progress: bool
-    work_dir: Path
-
-
-class RunError(OneCompError):
-    pass
 
 
 def _stage_dir(out: Path, index: int, name: str) -> Path:
@@ -156,16 +136,15 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
 
     calib = calibration_windows(tok, cfg.calibration.corpus, cfg.calibration.samples, cfg.calibration.seq_len,
                                 cfg.calibration.seed)
-    by_scope = {"layer": [], "later": []}
-    for spec in cfg.refiners:
-        scope = registry.get("refiner", spec.name).scope
-        by_scope["layer" if scope == "layer" else "later"].append(spec)
-    stages = [("layerwise", "layer", None)] + [(s.name, registry.get("refiner", s.name).scope, s)
-                                                for s in by_scope["later"]]
+    stages = _stages(cfg, registry)
     finished = {s["name"]: s for s in state["stages"]}
     (out / "reports").mkdir(exist_ok=True)
 
-    for index, (name, scope, spec) in enumerate(stages, start=1):
+    def teacher():
+        return load_model(cfg.model.id, cfg.model.dtype, cfg.model.trust_remote_code).model
+
+    for stage in stages:
+        name, index = stage.info.name, stage.info.index
         ckpt = _stage_dir(out, index, name)
         if name in finished and (ckpt / "onecomp.json").exists():
             _say(f"stage {index} {name}: already done, loading {ckpt}", progress)
@@ -173,22 +152,15 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
 
             model = load(ckpt, registry).to(device)
             continue
-        info = StageInfo(name, scope, index)
-        registry.hook.on_stage_start(run=run_info, stage=info)
         work = out / ".work" / f"{index:02d}-{name}"
         with Timer() as timer, PeakMemory() as mem:
-            if scope == "layer":
-                ctx = LayerwiseContext(model, inspection, plan, [registry.create(s) for s in by_scope["layer"]],
-                                       registry, calib, cfg.calibration.batch_size, work, cfg.seed, progress,
-                                       run_info, cfg.calibration.sequential,
-                                       cfg.calibration.keep_mb)
-                details = run_layerwise(ctx)
-            else:
-                details = _refine_stage(registry, spec, scope, model, cfg, inspection, calib, work, progress)
+            details = _run_stage(stage, model, inspection, plan, calib, cfg, registry, work, progress, run_info,
+                                 teacher)
         bits = bits_summary(model)
         _say(f"stage {index} {name}: evaluating …", progress)
         ppl = evaluate(model, name)
-        report = StageReport(name, index, scope, str(ckpt), ppl, bits, timer.seconds, mem.peak_mb, details)
+        report = StageReport(name, index, stage.info.scope, str(ckpt), ppl, bits, timer.seconds, mem.peak_mb,
+                             details)
         history = [s for s in state["stages"]] + [{k: v for k, v in report.to_dict().items() if k != "details"}]
         manifest = save_checkpoint(model, tok, ckpt, registry, base_model=cfg.model.id, config=cfg.raw,
                                    stages=history)
@@ -198,7 +170,7 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
         state["stages"] = history
         write_json(out / "run.json", state)
         shutil.rmtree(work, ignore_errors=True)
-        registry.hook.on_stage_end(run=run_info, stage=report)
+        registry.hook.on_stage_end(run=run_info, stage=stage.info, report=report)
         _say(stage_markdown(report, state["before"]), progress)
 
     total = time.perf_counter() - t_run
@@ -213,14 +185,78 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
     return result
 
 
-def _refine_stage(registry, spec, scope, model, cfg, inspection, calib, work, progress) -> dict:
-    """A block- or model-scope refiner stage, with its regularizers resolved from the registry."""
-    refiner = registry.create(spec)
-    regs = [registry.create(registry.resolve("regularizer", r, f"refiners.{spec.name}.regularizers[{i}]"))
-            for i, r in enumerate(getattr(spec.config, "regularizers", []) or [])]
-    teacher = load_model(cfg.model.id, cfg.model.dtype, cfg.model.trust_remote_code).model
-    ctx = StageContext(model, teacher, inspection, calib, cfg.calibration.batch_size, registry, regs, cfg.seed,
-                       progress, work)
-    if scope == "block":
+@attrs.define
+class _Stage:
+    info: StageInfo
+    spec: object  # the refiner's ComponentSpec; None for the layer-wise stage
+    regularizers: list  # the refiner's regularizers as ComponentSpecs
+
+
+def _stages(cfg: PipelineConfig, registry) -> list[_Stage]:
+    """The layer-wise stage, then one stage per block- or model-scope refiner, in config order."""
+    stages = [_Stage(StageInfo("layerwise", "layer", 1), None, [])]
+    for spec, regs in zip(cfg.refiners, cfg.regularizers):
+        scope = registry.get("refiner", spec.name).scope
+        if scope != "layer":
+            stages.append(_Stage(StageInfo(spec.name, scope, len(stages) + 1), spec, regs))
+    return stages
+
+
+def _run_stage(stage: _Stage, model, inspection, plan, calib, cfg, registry, work: Path, progress: bool,
+               run_info: RunInfo, teacher) -> dict:
+    """One stage on ``model`` in place; ``teacher()`` gives the fp model for block/model refiners."""
+    registry.hook.on_stage_start(run=run_info, stage=stage.info)
+    if stage.spec is None:
+        layer_refiners = [registry.create(s) for s in cfg.refiners if registry.get("refiner", s.name).scope == "layer"]
+        ctx = LayerwiseContext(model, inspection, plan, layer_refiners, registry, calib, cfg.calibration.batch_size,
+                               work, cfg.seed, progress, run_info, cfg.calibration.sequential, cfg.calibration.keep_mb)
+        return run_layerwise(ctx)
+    refiner = registry.create(stage.spec)
+    ctx = StageContext(model, teacher(), inspection, calib, cfg.calibration.batch_size, registry,
+                       [registry.create(r) for r in stage.regularizers], cfg.seed, progress, work)
+    if stage.info.scope == "block":
         return refiner.refine_block(ctx) or {}
     return refiner.refine_model(ctx) or {}
+
+
+def compress(model: torch.nn.Module, tokenizer=None, config=None, *, windows: torch.Tensor | None = None,
+             registry: Registry | None = None, progress: bool = False) -> list[StageReport]:
+    """Compress ``model`` in place with a pipeline config's plan and stages, without an output directory.
+
+    ``config`` is a path, a dict or None (the default pipeline); its ``model``, ``output`` and
+    ``evaluation`` sections are ignored. Calibration windows come from ``config.calibration``
+    through ``tokenizer``, or directly from ``windows`` (a ``[n, seq_len]`` token tensor).
+    Returns one report per stage (no perplexities: evaluate with ``onecomp.evaluation``)."""
+    import copy
+    import tempfile
+
+    registry = registry or Registry.default()
+    cfg: PipelineConfig = load_config(config, registry)
+    if windows is None:
+        if tokenizer is None:
+            raise RunError("compress() needs a tokenizer for the calibration corpus, or windows=")
+        windows = calibration_windows(tokenizer, cfg.calibration.corpus, cfg.calibration.samples,
+                                      cfg.calibration.seq_len, cfg.calibration.seed)
+    torch.manual_seed(cfg.seed)
+    model.eval()
+    inspection = inspect_model(model)
+    plan = registry.create(cfg.planner).plan(inspection, cfg.quantizer, registry)
+    if not plan:
+        raise RunError("the plan selects no layer to quantize; check plan.planner's ignore list")
+    run_info = RunInfo(config=cfg.raw, out_dir=None, model=type(model).__name__,
+                       plan={k: v.to_dict() for k, v in plan.items()})
+    registry.hook.on_run_start(run=run_info)
+    stages = _stages(cfg, registry)
+    fp_copy = copy.deepcopy(model) if len(stages) > 1 else None
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="onecomp-") as tmp:
+        for stage in stages:
+            with Timer() as timer, PeakMemory() as mem:
+                details = _run_stage(stage, model, inspection, plan, windows, cfg, registry,
+                                     Path(tmp) / f"{stage.info.index:02d}-{stage.info.name}", progress, run_info,
+                                     lambda: fp_copy)
+            report = StageReport(stage.info.name, stage.info.index, stage.info.scope, "", {}, bits_summary(model),
+                                 timer.seconds, mem.peak_mb, details)
+            registry.hook.on_stage_end(run=run_info, stage=stage.info, report=report)
+            reports.append(report)
+    return reports

@@ -16,7 +16,7 @@ import torch
 from hypothesis import strategies as st
 
 from ..components import STATISTICS, LayerStats, LayerTask
-from ..config import build_config
+from ..validation import build_config
 from ..errors import ConfigError
 
 __all__ = ["shapes", "bit_widths", "group_sizes", "float_dtypes", "weights", "configs", "param_dicts",
@@ -162,7 +162,7 @@ def make_task(W: torch.Tensor | tuple[int, int], needs: Iterable[str] = (), *, s
             g = torch.Generator().manual_seed(seed + 2)
             X = X_hat + 0.05 * X_hat.std() * torch.randn(X_hat.shape, generator=g)
         stats = make_stats(X_hat, needs, X)
-    return LayerTask(name=name, W=W, stats=stats, seed=seed, original_W=W.clone())
+    return LayerTask(name=name, W=W, stats=stats, seed=seed)
 
 
 @st.composite

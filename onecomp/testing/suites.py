@@ -48,7 +48,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from ..components import STATISTICS, Compressed, stored_bits
+from ..components import STATISTICS, Compressed, Format, stored_bits
 from ..errors import ConfigError, FormatError, UnknownComponent
 from ..registry import GROUP, Registry
 from . import strategies as ost
@@ -385,12 +385,13 @@ class QuantizerSuite:
         c = self.make_quantizer(cfg).quantize(task)
         assert isinstance(c, Compressed), f"quantize() returned {type(c).__name__}, expected onecomp.Compressed"
         assert tuple(c.shape) == tuple(task.shape), f"Compressed.shape {c.shape} != task shape {task.shape}"
+        assert isinstance(c.format, Format), f"Compressed.format must be a Format instance, got {c.format!r}"
         try:
-            fmt_cls = _registry_of(self).get("format", c.format)
+            fmt_cls = _registry_of(self).get("format", c.format.name)
         except UnknownComponent as exc:
-            pytest.fail(f"quantize() output names format {c.format!r}, which is not registered: {exc}")
+            pytest.fail(f"quantize() output names format {c.format.name!r}, which is not registered: {exc}")
         assert json.loads(json.dumps(c.params)) == c.params, "Compressed.params must be JSON-able"
-        fmt = fmt_cls.from_dict(c.params)
+        fmt = fmt_cls.from_dict(c.params)  # the manifest's params rebuild the same format
         fmt.check(c.tensors, tuple(task.shape))
         return c, fmt
 
@@ -439,7 +440,7 @@ class QuantizerSuite:
         for cfg in self.configs:
             c1, _ = self.quantize(cfg, self.make_task())
             c2, _ = self.quantize(cfg, self.make_task())
-            assert (c1.format, c1.params) == (c2.format, c2.params)
+            assert (c1.format.name, c1.params) == (c2.format.name, c2.params)
             assert_tensors_equal(c2.tensors, c1.tensors, f"{cfg!r}: two runs with one seed")
 
     def test_inputs_not_modified(self):

@@ -61,7 +61,7 @@ def test_pack_refuses_invalid_fields(fields, message):
 def test_quantizer_reconstructs_the_row_maximum():
     task = make_task((8, 64))
     c = Registry.default().get("quantizer", "example-absmax")().quantize(task)
-    assert c.format == "example-int8" and c.tensors["codes"].abs().amax(1).eq(127).all()
+    assert c.format.name == "example-int8" and c.tensors["codes"].abs().amax(1).eq(127).all()
     W_hat = Registry.default().get("format", "example-int8")().dequantize(c.tensors, task.shape)
     torch.testing.assert_close(W_hat.abs().amax(1), task.W.abs().amax(1), rtol=1e-3, atol=0)
 

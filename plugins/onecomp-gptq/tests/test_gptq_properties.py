@@ -1,4 +1,4 @@
-"""GPTQ's mathematical properties (ALGORITHMS.md, GPTQ)."""
+"""GPTQ's mathematical properties (docs/algorithms.md, "GPTQ and RTN")."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""DBF / MDBF properties (ALGORITHMS.md, "DBF and MDBF"): the bit formula, the fit, the inference path."""
+"""DBF / MDBF properties (docs/algorithms.md, "DBF and MDBF"): the bit formula, the fit, the inference path."""
 
 import math
 

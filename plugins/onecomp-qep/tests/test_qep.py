@@ -1,9 +1,9 @@
-"""QEP's properties (ALGORITHMS.md, QEP) and its use with any registered quantizer."""
+"""QEP's properties (docs/algorithms.md, QEP) and its use with any registered quantizer."""
 
-import attrs
 import pytest
 import torch
 
+import onecomp
 from onecomp import Compressed, ConfigError, LayerStats, LayerTask, Quantizer, Registry, hookimpl
 from onecomp.calibration import StatsCollector
 from onecomp_qep import QEP, QEPConfig, qep_correct
@@ -82,7 +82,7 @@ def test_two_layer_network_end_to_end_error_falls(quantizer):
     net = Toy()
     reg = Registry()
     q = reg.create(reg.resolve("quantizer", {"name": quantizer, "bits": 3, "group_size": 32}))
-    fmt = lambda c: reg.get("format", c.format).from_dict(c.params)  # noqa: E731
+    fmt = lambda c: c.format  # noqa: E731
 
     def compress(W, X_in, X_fp, use_qep):
         c = StatsCollector({"hessian", "cross"}, W.shape[1])
@@ -103,44 +103,37 @@ def test_two_layer_network_end_to_end_error_falls(quantizer):
     assert errors[True] < errors[False], errors
 
 
-def test_works_with_a_dummy_quantizer_through_the_pipeline(tiny_llama, tmp_path):
-    """A quantizer defined here, found by name in the config, gets QEP's corrected W*."""
-    seen = []
-
-    @attrs.define
-    class DummyConfig:
-        pass
+def test_works_with_a_dummy_quantizer_through_the_pipeline(tiny_llama):
+    """A quantizer defined here, found by name in the config, gets QEP's corrected W* once the
+    blocks before have been quantized (X̂ ≠ X)."""
+    seen = {}
 
     class Dummy(Quantizer):
         name = "dummy"
-        Config = DummyConfig
         needs = frozenset({"hessian"})
 
-        def quantize(self, task):
-            seen.append((task.name, task.W.clone(), task.original_W))
-            return Compressed("dense", {"dtype": "float32"}, {"weight": task.W.float().contiguous()}, task.shape)
+        def quantize(self, task):  # one magnitude per row: coarse enough that X̂ drifts from X
+            seen[task.name] = task.W.clone()
+            W_hat = task.W.sign() * task.W.abs().mean(1, keepdim=True)
+            return Compressed(reg.get("format", "dense").from_dict({"dtype": "float32"}),
+                              {"weight": W_hat.contiguous()}, task.shape)
 
     class Plugin:
         @hookimpl
         def register_quantizers(self, register):
             register(Dummy)
 
-    from onecomp.pipeline.layerwise import LayerwiseContext, run_layerwise
-    from onecomp.models import inspect_model
-
+    original = {n: m.weight.detach().clone() for n, m in tiny_llama.named_modules() if isinstance(m, torch.nn.Linear)
+                and ".layers." in n}
     reg = Registry()
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     with reg.temporarily(Plugin(), name="dummy-plugin"):
-        insp = inspect_model(tiny_llama)
-        spec = reg.resolve("quantizer", {"name": "dummy"})
-        rtn = reg.resolve("quantizer", {"name": "rtn", "bits": 2, "group_size": 16})
-        # block 0 with a coarse RTN so block 1 sees a real X̂ ≠ X; block 1 with the dummy + QEP
-        plan = {n: (rtn if ".0." in n else spec) for n in insp.linear_names()}
-        windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-        ctx = LayerwiseContext(tiny_llama, insp, plan, [QEP(QEPConfig(skip=[]))], reg, windows, 2,
-                               tmp_path / "work", progress=False)
-        run_layerwise(ctx)
-    assert {n for n, _, _ in seen} == {n for n in insp.linear_names() if ".1." in n}
-    assert all(not torch.allclose(W, W0) for _, W, W0 in seen)  # the target was corrected
+        onecomp.compress(tiny_llama, config={"plan": {"quantizer": {"name": "dummy"}},
+                                             "refiners": [{"name": "qep", "skip": []}]},
+                         windows=windows, registry=reg)
+    assert set(seen) == set(original)
+    later = [n for n in original if ".layers.0." not in n]
+    assert later and all(not torch.allclose(seen[n], original[n]) for n in later)  # the targets were corrected
 
 
 def test_skip_and_config_validation():

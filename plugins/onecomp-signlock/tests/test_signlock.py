@@ -1,4 +1,4 @@
-"""Sign lock-in's properties (ALGORITHMS.md, "Sign lock-in regularizers") and its place in configs."""
+"""Sign lock-in's properties (docs/algorithms.md, "Sign lock-in") and its place in configs."""
 
 from types import SimpleNamespace
 

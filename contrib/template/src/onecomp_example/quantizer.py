@@ -41,4 +41,4 @@ class ExampleAbsmax(Quantizer):
         codes = torch.clamp(torch.round(W / safe[:, None]), -QMAX, QMAX).to(torch.int8)
         fmt = ExampleInt8()
         tensors = fmt.pack({"codes": codes, "scale": scale}, task.shape)
-        return Compressed(fmt.name, fmt.to_dict(), tensors, task.shape)
+        return Compressed(fmt, tensors, task.shape)

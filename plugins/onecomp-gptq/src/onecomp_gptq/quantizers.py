@@ -52,7 +52,7 @@ def _pack(task, q, scale, zero, bits, group_size, g_idx=None) -> Compressed:
     if g_idx is not None:
         fields["g_idx"] = g_idx
     fmt = GPTQFormat(params)
-    return Compressed("gptq", attrs.asdict(params), fmt.pack(fields, task.shape), task.shape)
+    return Compressed(fmt, fmt.pack(fields, task.shape), task.shape)
 
 
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, sym: bool = False, mse: bool = False,

@@ -81,10 +81,11 @@ class MDBF(Quantizer):
         fields = {"S_A": torch.stack([t.S_A for t in terms]).to(torch.int8),
                   "S_B": torch.stack([t.S_B for t in terms]).to(torch.int8),
                   **{k: torch.stack([getattr(t, k) for t in terms]) for k in ("A", "Q_U", "Q_V", "B")}}
-        stored = MDBFFormat(params).pack(fields, (n, m))
+        fmt = MDBFFormat(params)
+        stored = fmt.pack(fields, (n, m))
         seconds = time.perf_counter() - t0
         log.info("%s: mdbf r=%d l=%d P=%d weighted rel err %.4f in %.1fs", task.name, r, l, P,
                  report["rel_err"][-1], seconds)
         info = {"rank": r, "loss": report["rel_err"][-1], "init_loss": report["init_rel_err"][0],
                 "term_loss": report["rel_err"], "seconds": seconds}
-        return Compressed("mdbf", attrs.asdict(params), stored, (n, m), info)
+        return Compressed(fmt, stored, (n, m), info)
