@@ -55,8 +55,9 @@ def _from_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (cached in %s for next time)", path, cached)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     try:
         _save_plain(model, tokenizer, cached)
     except OSError as exc:  # a read-only home is not fatal: we just convert again next time
@@ -84,12 +85,37 @@ def _save_plain(model, tokenizer, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _from_dir(path: Path, dtype: torch.dtype, **kw):
+def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A transformers model and tokenizer; custom code runs only when the user asked for it, and a
+    model whose files leave weights uninitialised is refused (it would be measured as random)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True,
+                                                           trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except ValueError as exc:  # transformers' refusal of custom code, and malformed configs
+        hint = " (pass --trust-remote-code, or model.trust_remote_code = true, only if you trust it)" \
+            if "custom code" in str(exc) else ""
+        raise ModelLoadError(f"{path}: cannot load: {str(exc).strip().splitlines()[0]}{hint}") from None
+    _check_complete(path, info)
     return model, tokenizer
+
+
+#: stored-tensor names of OneComp formats that a plain transformers model never has
+_ONECOMP_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".signs", ".envelope")
+
+
+def _check_complete(path, info: dict) -> None:
+    missing, unexpected = list(info.get("missing_keys") or ()), list(info.get("unexpected_keys") or ())
+    if not missing:
+        return
+    if any(k.endswith(_ONECOMP_SUFFIXES) for k in unexpected) or \
+            (unexpected and {k.rsplit(".", 1)[0] for k in missing} & {k.rsplit(".", 1)[0] for k in unexpected}):
+        raise ModelLoadError(f"{path}: holds OneComp-format tensors ({unexpected[0]}, …) but no onecomp.json; "
+                             "a OneComp checkpoint is loaded through its manifest — restore onecomp.json")
+    raise ModelLoadError(f"{path}: the weight files lack {len(missing)} tensors of the model (e.g. {missing[0]}); "
+                         "they would be random — refusing to load it")
 
 
 def load_model(source: str = "smollm2-135m", dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
@@ -110,10 +136,11 @@ def load_model(source: str = "smollm2-135m", dtype: str = "float32", trust_remot
             if (path / "onecomp.json").exists():
                 from ..checkpoint import load
 
-                model = load(path)
+                model = load(path)  # checks every file against the manifest; code in a checkpoint never runs
                 from transformers import AutoTokenizer
 
-                return LoadedModel(model, AutoTokenizer.from_pretrained(str(path)), source, str(path))
+                tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+                return LoadedModel(model, tok, source, str(path))
             if not (path / "config.json").exists():
                 raise ModelLoadError(f"{path} is a directory without config.json; expected a transformers model")
             model, tok = _from_dir(path, torch_dtype, trust_remote_code=trust_remote_code)
