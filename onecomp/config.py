@@ -68,9 +68,22 @@ class EvaluationSection:
     before: bool = True
 
 
+def _shard_size(inst, attribute, value):
+    """attrs validator: bytes as a positive integer or a size string like "5GB"."""
+    from .checkpoint.shards import parse_size
+    from .errors import CheckpointError
+
+    try:
+        parse_size(value)
+    except CheckpointError as exc:
+        raise ConfigError(attribute.name, str(exc)) from None
+
+
 @attrs.define
 class OutputSection:
     dir: str = "runs/default"
+    # weight files past this size are split into shards with an index, like save_pretrained
+    shard_size: int | str = attrs.field(default="5GB", validator=_shard_size)
 
 
 @attrs.define

@@ -139,6 +139,13 @@ class GPTQFormat(Format):
     def snap(self, name, latent):
         return latent.round().clamp(0, 2**self.params.bits - 1)
 
+    def as_affine_int(self, stored, shape):
+        """The exporters' view (``onecomp.export.AffineInt``): codes, zeros, scales and g_idx."""
+        from onecomp.export import AffineInt
+
+        f = self.unpack(stored, shape)
+        return AffineInt(self.params.bits, self._groups(shape)[0], f["q"], f["zeros"], f["scales"], f.get("g_idx"))
+
     def dequantize_fields(self, f, shape):
         g_idx = f["g_idx"] if self.params.act_order else self.default_g_idx(shape).to(f["q"].device)
         s = f["scales"].float()[:, g_idx]

@@ -1,0 +1,60 @@
+"""The representation every integer exporter reads: affine group quantization.
+
+A format whose weights are ``Ŵ[o, j] = scales[o, g(j)] · (q[o, j] − zeros[o, g(j)])`` exposes it
+through ``Format.as_affine_int(stored, shape) -> AffineInt``; exporters ask for nothing else, so
+the core never learns a plugin's tensor layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+
+@attrs.frozen
+class AffineInt:
+    """Unsigned ``bits``-bit codes ``q [out, in]``, integer ``zeros [out, G]``, ``scales [out, G]``;
+    column ``j`` is in group ``g_idx[j]`` when ``g_idx`` is given, else ``j // group_size``."""
+
+    bits: int
+    group_size: int  # columns per group; in_features for one group per row
+    q: torch.Tensor
+    zeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1]
+
+    def static_g_idx(self) -> torch.Tensor:
+        return torch.arange(self.shape[1]) // self.group_size
+
+    def has_static_groups(self) -> bool:
+        """True when every column sits in group ``j // group_size`` (no act-order permutation)."""
+        return self.g_idx is None or bool(torch.equal(self.g_idx.long().cpu(), self.static_g_idx()))
+
+    def dequantize(self) -> torch.Tensor:
+        g_idx = self.static_g_idx() if self.g_idx is None else self.g_idx.long()
+        return self.scales.float()[:, g_idx] * (self.q.float() - self.zeros.float()[:, g_idx])
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``[rows, n]`` codes in [0, 2^bits) → ``[rows, ceil(n·bits/32)]`` int32: each row one little-endian
+    bit stream (the layout of compressed-tensors' ``pack_to_int32`` and of GPTQ's ``qweight`` columns)."""
+    rows, n = codes.shape
+    words = math.ceil(n * bits / 32)
+    offset = torch.arange(n) * bits
+    word, shift = offset // 32, offset % 32
+    value = codes.long() << shift
+    out = torch.zeros(rows, words + 1, dtype=torch.long)
+    out.scatter_add_(1, word.expand(rows, n), value & 0xFFFFFFFF)
+    out.scatter_add_(1, (word + 1).expand(rows, n), value >> 32)
+    out = out[:, :words]
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
