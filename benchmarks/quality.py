@@ -87,6 +87,14 @@ SETTINGS = {
                                     "refiners": [{"name": "qep", "percdamp": 0.1}]},
     "gptq+qep-w3g128-percdamp1": {"quantizer": q("gptq", bits=3, group_size=128, mse=False),
                                   "refiners": [{"name": "qep", "percdamp": 1.0}]},
+    # GPTQ + LPCD (needs onecomp-lpcd): the block-scope stage re-projects o_proj and down_proj against the
+    # residual stream with the plan's own quantizer. "+qep+lpcd" keeps QEP on the layers LPCD does not
+    # cover (its layer-wise stage is gptq+qep's, so `--output` of a gptq+qep run extends that run)
+    **{f"gptq{pre}+lpcd-{tag}": {"quantizer": q("gptq", **kw),
+                                 "refiners": [*qep, {"name": "lpcd", "quantizer": q("gptq", **kw)}]}
+       for tag, kw in (("w4g128", dict(bits=4, group_size=128)), ("w3g128", dict(bits=3, group_size=128)),
+                       ("w3pc", dict(bits=3, group_size=-1, mse=False)), ("w2g64", dict(bits=2, group_size=64, mse=False)))
+       for pre, qep in (("", []), ("+qep", [{"name": "qep"}]))},
     # binary factorization (needs onecomp-mdbf), layer-wise only: DBF is one term with a rank-1
     # envelope; the mdbf-l2 rows spend the same bits on a rank-2 envelope; mdbf-1.5 is the plugin's
     # defaults (two rank-1 terms)

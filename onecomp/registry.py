@@ -42,6 +42,7 @@ KNOWN_PROVIDERS = {
     ("format", "mdbf"): "onecomp-mdbf",
     ("regularizer", "signlock"): "onecomp-signlock",
     ("backend", "triton"): "onecomp-triton",
+    ("refiner", "lpcd"): "onecomp-lpcd",
 }
 
 
