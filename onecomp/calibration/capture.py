@@ -12,6 +12,7 @@ import attrs
 import torch
 from torch import nn
 
+from .. import distributed
 from ..components import LayerStats
 
 
@@ -83,10 +84,14 @@ def add_gram_upper_(H: torch.Tensor, X: torch.Tensor, tile: int = 256) -> torch.
     """``H += XᵀX`` on the rows-of-tiles on and above the diagonal only, for ``X [tokens, d]``.
 
     The Gram matrix is symmetric, so one strip ``X_iᵀ X[:, i:]`` per tile row is enough: 58% of the
-    full product's flops at d = 1536, 74% at d = 576. ``mirror_upper_`` fills in the rest."""
+    full product's flops at d = 1536, 74% at d = 576. ``mirror_upper_`` fills in the rest. A float64
+    ``H`` gets each strip computed in ``X``'s dtype and then added (see ``StatsCollector``)."""
     d = X.shape[1]
     for i in range(0, d, tile):
-        H[i:i + tile, i:].addmm_(X[:, i:i + tile].T, X[:, i:])
+        if H.dtype == X.dtype:
+            H[i:i + tile, i:].addmm_(X[:, i:i + tile].T, X[:, i:])
+        else:
+            H[i:i + tile, i:] += X[:, i:i + tile].T @ X[:, i:]
     return H
 
 
@@ -97,16 +102,20 @@ def mirror_upper_(H: torch.Tensor) -> torch.Tensor:
 
 
 class StatsCollector:
-    """Running statistics of one input group (see onecomp.components.STATISTICS)."""
+    """Running statistics of one input group (see onecomp.components.STATISTICS).
+
+    Each batch's contribution is computed in float32 and summed in float64, then cast to float32 once
+    in ``finish()``: the sums do not depend on the order of the batches, so data-parallel calibration
+    (``finish()`` sums over processes, see onecomp.distributed) gives the single process's statistics."""
 
     def __init__(self, needs, in_features: int, max_samples: int = 4096):
         self.needs = set(needs)
         self.n = 0
         self.max_samples = max_samples
         d = in_features
-        self.H = torch.zeros(d, d) if "hessian" in self.needs else None
-        self.cross = torch.zeros(d, d) if "cross" in self.needs else None
-        self.sq = torch.zeros(d) if "diag" in self.needs else None
+        self.H = torch.zeros(d, d, dtype=torch.float64) if "hessian" in self.needs else None
+        self.cross = torch.zeros(d, d, dtype=torch.float64) if "cross" in self.needs else None
+        self.sq = torch.zeros(d, dtype=torch.float64) if "diag" in self.needs else None
         self.samples: list[torch.Tensor] = []
 
     def add(self, X_hat: torch.Tensor, X: torch.Tensor | None = None) -> None:
@@ -118,7 +127,7 @@ class StatsCollector:
         if self.cross is not None:
             if X is None:
                 raise ValueError("the 'cross' statistic needs the fp-path input X")
-            self.cross.addmm_((X.reshape(-1, X.shape[-1]).float() - X_hat).T, X_hat)
+            self.cross += (X.reshape(-1, X.shape[-1]).float() - X_hat).T @ X_hat
         if self.sq is not None:
             self.sq += X_hat.square().sum(0)
         if "samples" in self.needs:
@@ -126,13 +135,21 @@ class StatsCollector:
             self.samples.append(X_hat[::stride].clone())
 
     def finish(self) -> LayerStats:
-        n = max(self.n, 1)
-        samples = torch.cat(self.samples)[: self.max_samples] if self.samples else None
+        """The statistics over every batch seen, by this process and (data-parallel) by all the others."""
+        n = torch.tensor([self.n], dtype=torch.int64)
+        for t in (n, self.H, self.cross, self.sq):
+            distributed.all_reduce_sum_(t)
+        total = int(n)
+        n = max(total, 1)
+        samples = self.samples
+        if "samples" in self.needs and distributed.active():  # rank order is batch order (contiguous shares)
+            samples = [s for part in distributed.all_gather(samples) for s in part]
+        samples = torch.cat(samples)[: self.max_samples] if samples else None
         return LayerStats(
-            n_tokens=self.n,
-            H=mirror_upper_(self.H).mul_(2 / n) if self.H is not None else None,
-            cross=self.cross.mul_(2 / n) if self.cross is not None else None,
-            diag=self.sq / n if self.sq is not None else None,
+            n_tokens=total,
+            H=mirror_upper_(self.H).mul_(2 / n).float() if self.H is not None else None,
+            cross=self.cross.mul_(2 / n).float() if self.cross is not None else None,
+            diag=(self.sq / n).float() if self.sq is not None else None,
             samples=samples,
         )
 

@@ -15,6 +15,7 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..calibration import BlockInputs, SequentialCapture, capture_block, first_block_inputs, propagate_, stages_supported
 from ..checkpoint import BlockStore, QuantLinear
 from ..components import BlockReport, LayerReport, LayerStats, LayerTask, replace_module, stored_bits
@@ -73,12 +74,12 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
     for spec in ctx.plan.values():
         if _key(spec) not in quantizers:
             quantizers[_key(spec)] = registry.create(spec)
-    store = BlockStore(ctx.work_dir)
+    store = BlockStore(ctx.work_dir) if distributed.is_main() else None  # rank 0 alone writes
     need_fp = any("cross" in c.needs for c in [*quantizers.values(), *ctx.refiners])
 
     if not need_fp and not any(q.needs for q in quantizers.values()) and not any(r.needs for r in ctx.refiners):
         return _quantize_without_data(ctx, quantizers, store)  # e.g. RTN: no activations at all
-    q_in = first_block_inputs(model, blocks, ctx.windows, ctx.batch_size)
+    q_in = first_block_inputs(model, blocks, _my_windows(ctx.windows, ctx.batch_size), ctx.batch_size)
     fp_in = q_in.clone() if need_fp else None
     reports: list[LayerReport] = []
     bar = tqdm(total=len(blocks), desc="layer-wise", unit="block", disable=not ctx.progress)
@@ -86,7 +87,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         block = blocks[b]
         t0 = time.perf_counter()
         last = b == len(insp.blocks) - 1  # no next block: its outputs are never needed
-        if store.has(b):  # resume: re-apply, recompute activations only
+        if _has(store, b):  # resume: re-apply, recompute activations only
             if fp_in is not None and not last:
                 fp_in = propagate_(block, fp_in)
             reports += _apply_saved(ctx, store, b)
@@ -97,8 +98,9 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
 
         staged = ctx.sequential == "layer" and stages_supported(block, info.groups)
         layer_reports, fp_out, q_out = _quantize_block(ctx, b, info, block, quantizers, q_in, fp_in, staged, last)
-        done = {r.name: model.get_submodule(r.name) for r in layer_reports}
-        store.save(b, done, {"layers": [attrs.asdict(r) for r in layer_reports]})
+        if store is not None:
+            done = {r.name: model.get_submodule(r.name) for r in layer_reports}
+            store.save(b, done, {"layers": [attrs.asdict(r) for r in layer_reports]})
         reports += layer_reports
         if not last:
             q_in = q_out if q_out is not None else propagate_(block, q_in)
@@ -118,13 +120,14 @@ def _quantize_without_data(ctx, quantizers, store) -> dict:
     blocks = ctx.model.get_submodule(ctx.inspection.blocks_path)
     reports = []
     for b, info in enumerate(tqdm(ctx.inspection.blocks, desc="layer-wise", unit="block", disable=not ctx.progress)):
-        if store.has(b):
+        if _has(store, b):
             reports += _apply_saved(ctx, store, b)
             continue
         t0 = time.perf_counter()
         layer_reports, _, _ = _quantize_block(ctx, b, info, blocks[b], quantizers, None, None)
-        store.save(b, {r.name: ctx.model.get_submodule(r.name) for r in layer_reports},
-                   {"layers": [attrs.asdict(r) for r in layer_reports]})
+        if store is not None:
+            store.save(b, {r.name: ctx.model.get_submodule(r.name) for r in layer_reports},
+                       {"layers": [attrs.asdict(r) for r in layer_reports]})
         reports += layer_reports
         if ctx.run_info is not None:
             ctx.registry.hook.on_block_done(run=ctx.run_info,
@@ -132,9 +135,43 @@ def _quantize_without_data(ctx, quantizers, store) -> dict:
     return {"layers": [attrs.asdict(r) for r in reports]}
 
 
+def _my_windows(windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """This process's calibration windows: a contiguous share of whole batches, so that every batch is
+    the same as in a single-process run (and so are its activations, bit for bit)."""
+    if not distributed.active():
+        return windows
+    batches = windows.split(batch_size)
+    mine = distributed.shard(len(batches))
+    return torch.cat(batches[mine.start:mine.stop])
+
+
+def _has(store, b: int) -> bool:
+    """Whether block ``b`` was finished by an earlier session (rank 0's store decides for everyone)."""
+    return distributed.broadcast(store.has(b) if store is not None else None)
+
+
 def _apply_saved(ctx, store, b) -> list:
-    notes = store.apply(b, ctx.model, ctx.registry)
+    """Put a saved block's QuantLinears into the model; rank 0 reads them and sends them to the others."""
+    saved, notes = distributed.broadcast(store.load(b, ctx.registry) if store is not None else None)
+    for name, (fmt, shape, stored) in saved.items():
+        old = ctx.model.get_submodule(name)
+        replace_module(ctx.model, name, QuantLinear(fmt, shape, stored, getattr(old, "bias", None)))
     return [LayerReport(**r) for r in notes["layers"]]
+
+
+def _quantize_layer(ctx, quantizer, full: str, linear, group_stats, group: str):
+    """One layer's compressed weight, its relative output error, the seconds it took, and Ŵ."""
+    t0 = time.perf_counter()
+    W = linear.weight.detach().to(torch.float32, copy=True)  # the task's own: the weight is overwritten by Ŵ
+    task = LayerTask(name=full, W=W, stats=group_stats if group_stats is not None else LayerStats(),
+                     bias=linear.bias, group=group, seed=ctx.seed)
+    for r in ctx.refiners:
+        if r.applies_to(full):
+            task = r.adjust(task)
+    compressed = quantizer.quantize(task)
+    compressed.format.check(compressed.tensors, compressed.shape)
+    W_hat = QuantLinear.from_compressed(compressed, linear.bias).dequantize()
+    return compressed, relative_error(W, W_hat, task.stats.H), time.perf_counter() - t0, W_hat
 
 
 def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, fp_in: BlockInputs | None,
@@ -166,33 +203,29 @@ def _quantize_block(ctx, b, info, block, quantizers, q_in: BlockInputs | None, f
     else:
         stats, fp_out = capture_block(block, leaders, q_in, fp_in, needs) if q_in is not None else ({}, None)
 
-    reports = []
+    reports, turn = [], 0
     for group in info.groups:
         if staged:
             stats[group[0]] = sequential.stats(group[0], needs.get(group[0], ()))
-        for rel in group:
-            if rel not in planned:
-                continue
-            t0 = time.perf_counter()
+        members = [rel for rel in group if rel in planned]
+        # data-parallel: the layers take turns over the processes; each quantizes its own, then sends them
+        owners = {rel: (turn + k) % distributed.world_size() for k, rel in enumerate(members)}
+        turn += len(members)
+        mine = {rel: _quantize_layer(ctx, quantizers[_key(planned[rel])], f"{info.prefix}.{rel}",
+                                     block.get_submodule(rel), stats.get(group[0]), f"{info.prefix}.{group[0]}")
+                for rel in members if owners[rel] == distributed.rank()}
+        for rel in members:
+            own = mine.get(rel)
+            compressed, err, seconds = distributed.broadcast(own[:3] if own else None, src=owners[rel])
             full = f"{info.prefix}.{rel}"
             linear = block.get_submodule(rel)
-            W = linear.weight.detach().to(torch.float32, copy=True)  # the task's own: the weight is overwritten by Ŵ
-            group_stats = stats.get(group[0])
-            task = LayerTask(name=full, W=W, stats=group_stats if group_stats is not None else LayerStats(),
-                             bias=linear.bias, group=f"{info.prefix}.{group[0]}", seed=ctx.seed)
-            for r in ctx.refiners:
-                if r.applies_to(full):
-                    task = r.adjust(task)
-            compressed = quantizers[_key(planned[rel])].quantize(task)
             fmt = compressed.format
             registry.get("format", fmt.name)  # a format the checkpoint loader will find by name
-            fmt.check(compressed.tensors, compressed.shape)
             q = QuantLinear.from_compressed(compressed, linear.bias)
-            W_hat = q.dequantize()
-            err = relative_error(W, W_hat, task.stats.H)
+            W_hat = own[3] if own else q.dequantize()
             q._cache = _cache_over_weight(ctx.model, linear, W_hat)  # the first forward would compute the same
-            replace_module(block, rel, q.to(W.device))
-            rep = LayerReport(full, fmt.name, stored_bits(q.stored()) / W.numel(), err, time.perf_counter() - t0,
+            replace_module(block, rel, q.to(linear.weight.device))
+            rep = LayerReport(full, fmt.name, stored_bits(q.stored()) / linear.weight.numel(), err, seconds,
                               {k: v for k, v in compressed.info.items() if isinstance(v, (int, float, str))})
             reports.append(rep)
             if ctx.run_info is not None:

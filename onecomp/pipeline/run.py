@@ -22,6 +22,7 @@ from pathlib import Path
 import attrs
 import torch
 
+from .. import distributed
 from ..calibration import calibration_windows
 from ..checkpoint import bits_summary, save_checkpoint
 from ..config import PipelineConfig, load_config
@@ -104,10 +105,12 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
     if output:
         cfg.output.dir = output
     out = Path(cfg.output.dir)
-    state = _prepare_out(out, cfg.raw, resume, force, registry)
-    t_run = time.perf_counter()
     backend = registry.create(cfg.backend)
     device = backend.device()
+    leader = _join(device)
+    progress = progress and leader
+    state = distributed.from_main(lambda: _prepare_out(out, cfg.raw, resume, force, registry))
+    t_run = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
     _say(f"loading {cfg.model.id} …", progress)
@@ -128,7 +131,7 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
         return {t: perplexity(m, w, cfg.evaluation.batch_size, progress, desc=f"ppl {t} ({label})")
                 for t, w in evals.items()}
 
-    if cfg.evaluation.before and not state["before"]:
+    if leader and cfg.evaluation.before and not state["before"]:
         _say("evaluating the fp model …", progress)
         state["before"] = evaluate(model, "fp")
         state["before_bits"] = {"dense_bits_per_weight": torch.finfo(next(model.parameters()).dtype).bits}
@@ -138,7 +141,8 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
                                 cfg.calibration.seed)
     stages = _stages(cfg, registry)
     finished = {s["name"]: s for s in state["stages"]}
-    (out / "reports").mkdir(exist_ok=True)
+    if leader:
+        (out / "reports").mkdir(exist_ok=True)
 
     def teacher():
         return load_model(cfg.model.id, cfg.model.dtype, cfg.model.trust_remote_code).model
@@ -146,16 +150,23 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
     for stage in stages:
         name, index = stage.info.name, stage.info.index
         ckpt = _stage_dir(out, index, name)
-        if name in finished and (ckpt / "onecomp.json").exists():
+        if stage.spec is not None and distributed.active():  # data-parallel: later stages run on rank 0 alone
+            distributed.leave()
+        if not leader and not distributed.active():
+            break
+        if distributed.from_main(lambda: name in finished and (ckpt / "onecomp.json").exists()):
             _say(f"stage {index} {name}: already done, loading {ckpt}", progress)
             from ..checkpoint import load
 
-            model = load(ckpt, registry).to(device)
+            if leader:  # the other processes have nothing more to do
+                model = load(ckpt, registry).to(device)
             continue
         work = out / ".work" / f"{index:02d}-{name}"
         with Timer() as timer, PeakMemory() as mem:
             details = _run_stage(stage, model, inspection, plan, calib, cfg, registry, work, progress, run_info,
                                  teacher)
+        if not leader:
+            continue
         bits = bits_summary(model)
         _say(f"stage {index} {name}: evaluating …", progress)
         ppl = evaluate(model, name)
@@ -173,6 +184,9 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
         registry.hook.on_stage_end(run=run_info, stage=stage.info, report=report)
         _say(stage_markdown(report, state["before"]), progress)
 
+    distributed.leave()
+    if not leader:
+        return {"model": cfg.model.id, "output": str(out), "rank": distributed.rank()}
     total = time.perf_counter() - t_run
     result = {"model": cfg.model.id, "output": str(out), "before": state["before"], "stages": state["stages"],
               "seconds_this_session": total}
@@ -183,6 +197,13 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
     (out / "report.md").write_text(md)
     shutil.rmtree(out / ".work", ignore_errors=True)
     return result
+
+
+def _join(device) -> bool:
+    """Join the process group when started by torchrun; True for the process that writes (rank 0)."""
+    if distributed.init_from_env(device):
+        log.info("data-parallel calibration: rank %d of %d", distributed.rank(), distributed.world_size())
+    return distributed.is_main()
 
 
 @attrs.define
