@@ -119,27 +119,79 @@ DEFAULT_PIPELINE = {
 _TOP_KEYS = ("model", "calibration", "plan", "refiners", "backend", "evaluation", "output", "seed", "plugins")
 
 
+#: the largest config file read, and the most values a YAML file may expand to through its aliases
+MAX_CONFIG_BYTES = 16 << 20
+MAX_CONFIG_NODES = 100_000
+
+
 def read_file(path: str | os.PathLike) -> dict:
-    """Parse a TOML, YAML or JSON config file into a dict."""
+    """Parse a TOML, YAML or JSON config file into a dict; every failure is a ConfigError naming the file."""
     p = Path(path)
+    where = str(p)
     if not p.exists():
-        raise ConfigError("", f"config file {str(p)!r} does not exist")
-    text = p.read_text()
+        raise ConfigError("", f"config file {where!r} does not exist")
     suffix = p.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(where, "a config file must end in .toml, .yaml, .yml or .json")
+    if not p.is_file() or p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(where, f"must be a regular file of at most {MAX_CONFIG_BYTES >> 20} MiB")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(where, f"cannot be read: {exc.strerror}") from None
     try:
         if suffix == ".toml":
             import tomllib
 
-            return tomllib.loads(text)
-        if suffix in (".yaml", ".yml"):
+            raw = tomllib.loads(text)
+        elif suffix == ".json":
+            raw = json.loads(text)
+        else:
             import yaml
 
-            return yaml.safe_load(text) or {}
-        if suffix == ".json":
-            return json.loads(text)
-    except Exception as exc:
-        raise ConfigError("", f"cannot parse {p}: {exc}") from None
-    raise ConfigError("", f"config file {p} must end in .toml, .yaml, .yml or .json")
+            raw = yaml.safe_load(text)
+            raw = {} if raw is None else raw
+    except (Exception, RecursionError) as exc:
+        raise ConfigError(where, f"cannot parse: {' '.join(str(exc).split())[:300]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(where, f"the top level must be a table (key = value pairs), got {type(raw).__name__}")
+    _check_size(raw, where)
+    return raw
+
+
+def _check_size(raw, where: str) -> None:
+    """Refuse a tree of more than MAX_CONFIG_NODES values (YAML aliases can expand without bound)."""
+    seen, todo = 0, [raw]
+    while todo:
+        node = todo.pop()
+        seen += 1
+        if seen > MAX_CONFIG_NODES:
+            raise ConfigError(where, f"expands to more than {MAX_CONFIG_NODES} values (YAML anchors and aliases "
+                                     "that repeat each other?)")
+        if isinstance(node, dict):
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+
+
+def _resolve(registry, kind: str, table, path: str):
+    """``registry.resolve`` after checking that the component's name is a string."""
+    name = table.get("name") if isinstance(table, Mapping) else table
+    if isinstance(table, (str, Mapping)) and not isinstance(name, str) and not (isinstance(table, Mapping)
+                                                                                and "name" not in table):
+        raise ConfigError(f"{path}.name" if isinstance(table, Mapping) else path,
+                          f"must be a string naming a {kind}, got {name!r}; installed: "
+                          f"{', '.join(registry.names(kind))}")
+    return registry.resolve(kind, table, path)
+
+
+def _table(raw: Mapping, key: str) -> dict:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a table, got {value!r}")
+    return dict(value)
 
 
 def _corpora(value, path: str) -> list[CorpusSpec]:
@@ -160,8 +212,11 @@ def _check_text_source(source: str, path: str) -> None:
     """A named text, an ``hf:`` dataset spec, or an existing file: checked before any work."""
     from .calibration.corpus import NAMED
 
-    if source in NAMED or source.startswith("hf:") or Path(source).expanduser().is_file():
-        return
+    try:
+        if source in NAMED or source.startswith("hf:") or Path(source).expanduser().is_file():
+            return
+    except (ValueError, RuntimeError, OSError):  # a NUL byte, an unknown ~user, a name too long
+        pass
     raise ConfigError(path, f"{source!r} is not one of {', '.join(NAMED)}, an existing file, "
                             "or an 'hf:name[:config]' dataset")
 
@@ -171,14 +226,21 @@ def load_config(source: str | os.PathLike | Mapping | None = None, registry=None
     from .registry import Registry
 
     registry = registry or Registry.default()
+    if source is not None and not isinstance(source, (str, os.PathLike, Mapping)):
+        raise ConfigError("config", f"must be a file path, a dict or None, got {type(source).__name__}")
     raw = DEFAULT_PIPELINE if source is None else (dict(source) if isinstance(source, Mapping) else read_file(source))
+    if isinstance(source, Mapping):
+        _check_size(raw, "config")
+    not_str = [k for k in raw if not isinstance(k, str)]
+    if not_str:
+        raise ConfigError(str(not_str[0]), f"section names must be strings; allowed: {', '.join(_TOP_KEYS)}")
     unknown = sorted(set(raw) - set(_TOP_KEYS))
     if unknown:
-        raise ConfigError(unknown[0], f"unknown section; allowed: {', '.join(_TOP_KEYS)}")
+        raise ConfigError(unknown[0] or repr(unknown[0]), f"unknown section; allowed: {', '.join(_TOP_KEYS)}")
     _check_required_plugins(raw.get("plugins", {}))
 
     model = build_config(ModelSection, raw.get("model", {}), "model")
-    cal = dict(raw.get("calibration", {}))
+    cal = _table(raw, "calibration")
     corpus = _corpora(cal.pop("corpus", "kjv"), "calibration.corpus")
     calibration = build_config(CalibrationSection, cal, "calibration")
     calibration.corpus = corpus
@@ -189,15 +251,15 @@ def load_config(source: str | os.PathLike | Mapping | None = None, registry=None
         _check_text_source(text, f"evaluation.texts[{i}]")
     output = build_config(OutputSection, raw.get("output", {}), "output")
 
-    plan = dict(raw.get("plan", {}))
+    plan = _table(raw, "plan")
     planner_table = plan.pop("planner", "uniform")
     quantizer_table = plan.pop("quantizer", None)
     if isinstance(planner_table, str):
         planner_table = {"name": planner_table, **plan}  # extra [plan] keys are the planner's params
     elif plan:
         raise ConfigError(f"plan.{sorted(plan)[0]}", "unknown key; put planner params in the planner table")
-    planner = registry.resolve("planner", planner_table, "plan.planner")
-    quantizer = registry.resolve("quantizer", quantizer_table, "plan.quantizer") if quantizer_table else None
+    planner = _resolve(registry, "planner", planner_table, "plan.planner")
+    quantizer = _resolve(registry, "quantizer", quantizer_table, "plan.quantizer") if quantizer_table else None
     if quantizer is None and getattr(registry.get("planner", planner.name), "requires_quantizer", False):
         raise ConfigError("plan.quantizer", f"the {planner.name!r} planner needs a quantizer table, e.g. "
                           f"{{ name = \"gptq\", bits = 4 }}; installed: {', '.join(registry.names('quantizer'))}")
@@ -207,14 +269,14 @@ def load_config(source: str | os.PathLike | Mapping | None = None, registry=None
     if not isinstance(tables, list):
         raise ConfigError("refiners", "must be a list of refiner tables ([[refiners]] in TOML)")
     for i, table in enumerate(tables):
-        spec = registry.resolve("refiner", table, f"refiners[{i}]")
+        spec = _resolve(registry, "refiner", table, f"refiners[{i}]")
         regs = getattr(spec.config, "regularizers", None) or []
         if not isinstance(regs, list):
             raise ConfigError(f"refiners[{i}].regularizers", "must be a list of regularizer tables")
-        regularizers.append([registry.resolve("regularizer", reg, f"refiners[{i}].regularizers[{j}]")
+        regularizers.append([_resolve(registry, "regularizer", reg, f"refiners[{i}].regularizers[{j}]")
                              for j, reg in enumerate(regs)])
         refiners.append(spec)
-    backend = registry.resolve("backend", raw.get("backend", "torch"), "backend")
+    backend = _resolve(registry, "backend", raw.get("backend", "torch"), "backend")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError("seed", f"must be an integer, got {seed!r}")
@@ -233,7 +295,10 @@ def _check_required_plugins(section) -> None:
 
     from packaging.requirements import InvalidRequirement, Requirement
 
-    for i, text in enumerate(section.get("require", [])):
+    require = section.get("require", [])
+    if not isinstance(require, list):
+        raise ConfigError("plugins.require", f"must be a list of requirements like 'onecomp-gptq>=0.1', got {require!r}")
+    for i, text in enumerate(require):
         where = f"plugins.require[{i}]"
         try:
             req = Requirement(str(text))
