@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
@@ -48,7 +49,7 @@ def _config_fields(cls) -> dict:
 def _cmd_inspect(args) -> int:
     from .models import inspect_model, load_model
 
-    loaded = load_model(args.model, args.dtype)
+    loaded = load_model(args.model, args.dtype, args.trust_remote_code)
     summary = inspect_model(loaded.model).summary()
     formats = _quantized_formats(loaded.model)
     if formats:
@@ -89,7 +90,7 @@ def _cmd_eval(args) -> int:
     from .evaluation import eval_windows, perplexity
     from .models import load_model
 
-    loaded = load_model(args.model, args.dtype)
+    loaded = load_model(args.model, args.dtype, args.trust_remote_code)
     result = {}
     for text in args.text:
         windows = eval_windows(loaded.tokenizer, text, args.windows, args.seq_len)
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="show a model's blocks, linear layers and fused input groups")
     i.add_argument("model", help="smollm2-135m, an HF directory or hub id, a .gguf file, or a checkpoint")
     i.add_argument("--dtype", default="float32")
+    i.add_argument("--trust-remote-code", action="store_true", help="let a plain HF model run its own code")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=_cmd_inspect)
 
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="smollm2-135m, an HF directory or hub id, a .gguf file, or a checkpoint")
     e.add_argument("--text", action="append", help="kjv-gospels, pydoc-topics or a text file (repeatable)")
     e.add_argument("--windows", type=int, default=40)
+    e.add_argument("--trust-remote-code", action="store_true", help="let a plain HF model run its own code")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--dtype", default="float32")
@@ -146,10 +149,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "text", None) is None and args.command == "eval":
         args.text = ["kjv-gospels", "pydoc-topics"]
+    for flag in ("windows", "seq_len", "batch_size"):
+        value = getattr(args, flag, None) if args.command == "eval" else None
+        if value is not None and value < 1:
+            print(f"error: --{flag.replace('_', '-')}: must be a positive integer, got {value}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except OneCompError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only or vanished directory: the file and the reason
+        hint = "; free some space and rerun with --resume" if exc.errno == errno.ENOSPC else ""
+        print(f"error: {exc.filename or 'file system'}: {exc.strerror or exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished blocks and stages are kept — rerun with --resume", file=sys.stderr)
