@@ -26,6 +26,13 @@ KINDS = ("quantizer", "format", "planner", "refiner", "backend", "regularizer")
 #:   samples  up to ``max_samples`` rows of X̂  [n, in]
 STATISTICS = frozenset({"hessian", "cross", "diag", "samples"})
 
+#: What a planner may declare in ``needs``, each handed to ``plan`` as a keyword argument:
+#:   diag, hessian  statistics of every decoder linear's input, captured in one pass of the calibration
+#:                  windows through the fp model before planning: ``stats={linear name: LayerStats}``
+#:   model          the fp model itself (its weights): ``model=nn.Module``
+#:   capabilities   the run's backend report (e.g. for a memory budget): ``capabilities=BackendCapabilities``
+PLANNER_NEEDS = frozenset({"diag", "hessian", "model", "capabilities"})
+
 SCOPES = ("layer", "block", "model")
 
 
@@ -337,6 +344,19 @@ class Quantizer:
     def quantize(self, task: LayerTask) -> Compressed:
         raise NotImplementedError
 
+    def estimate(self, task: LayerTask) -> torch.Tensor:
+        """The fp32 ``Ŵ`` a planner prices this quantizer with (``task.stats`` holds only what a planner
+        has before quantizing: ``diag``, and ``H = 2·diag(E[x²])`` for quantizers that need a Hessian).
+        By default the real result; slow quantizers may return a faster approximation of it."""
+        compressed = self.quantize(task)
+        return compressed.format.dequantize(compressed.tensors, compressed.shape)
+
+    def format_for(self, shape: tuple[int, int]) -> "Format":
+        """The format (bound to its params) ``quantize`` emits for a weight of ``shape``, so a
+        planner can count its stored bits with ``expected_bits`` before quantizing."""
+        raise NotImplementedError(f"quantizer {self.name!r} does not say which format it emits "
+                                  "(Quantizer.format_for), so planners cannot count its bits")
+
 
 class Refiner:
     """Improves the model at one scope.
@@ -359,18 +379,27 @@ class Refiner:
 
 
 class Planner:
-    """Chooses a quantizer and its config for every linear layer to compress."""
+    """Chooses a quantizer and its config for every linear layer to compress.
+
+    ``needs`` (see PLANNER_NEEDS) says what ``plan`` is handed besides the inspection, as keyword
+    arguments; an instance may narrow its class's ``needs`` from its config. Fused layers share one
+    LayerStats in ``stats``."""
 
     name: ClassVar[str]
     Config: ClassVar[type] = NoConfig
     #: the config must name a quantizer (``[plan] quantizer = {...}``) for this planner
     requires_quantizer: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
 
-    def plan(self, inspection, quantizer: ComponentSpec | None, registry) -> dict[str, ComponentSpec]:
+    def plan(self, inspection, quantizer: ComponentSpec | None, registry, **given) -> dict[str, ComponentSpec]:
         raise NotImplementedError
+
+    def report(self) -> dict:
+        """After ``plan``: what was chosen and why (e.g. the budget), for ``onecomp inspect --plan``."""
+        return {}
 
 
 class Backend:

@@ -28,6 +28,9 @@ class ModelSection:
     id: str = "smollm2-135m"
     dtype: str = attrs.field(default="float32", validator=one_of("float32", "bfloat16", "float16"))
     trust_remote_code: bool = False
+    # the layer-wise stage reads one decoder block at a time from the model's safetensors files instead of
+    # loading the whole model (docs/scaling.md)
+    stream: bool = False
 
 
 @attrs.define

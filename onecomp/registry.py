@@ -21,7 +21,7 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .components import KINDS, REQUIRED, SCOPES, STATISTICS, ComponentSpec
+from .components import KINDS, PLANNER_NEEDS, REQUIRED, SCOPES, STATISTICS, ComponentSpec
 from .errors import ConfigError, DuplicateComponent, UnknownComponent
 
 GROUP = "onecomp"
@@ -42,6 +42,7 @@ KNOWN_PROVIDERS = {
     ("format", "mdbf"): "onecomp-mdbf",
     ("regularizer", "signlock"): "onecomp-signlock",
     ("backend", "triton"): "onecomp-triton",
+    ("planner", "autobit"): "onecomp-autobit",
     ("refiner", "lpcd"): "onecomp-lpcd",
 }
 
@@ -202,9 +203,10 @@ class Registry:
         if not attrs.has(cls.Config):
             raise TypeError(f"{where}: {cls.__name__}.Config must be an attrs class")
         needs = getattr(cls, "needs", frozenset())
-        if not set(needs) <= STATISTICS:
-            raise TypeError(f"{where}: {cls.__name__}.needs has {sorted(set(needs) - STATISTICS)}; "
-                            f"allowed: {sorted(STATISTICS)}")
+        allowed = PLANNER_NEEDS if kind == "planner" else STATISTICS
+        if not set(needs) <= allowed:
+            raise TypeError(f"{where}: {cls.__name__}.needs has {sorted(set(needs) - allowed)}; "
+                            f"allowed: {sorted(allowed)}")
         if kind == "refiner":
             if cls.scope not in SCOPES:
                 raise TypeError(f"{where}: {cls.__name__}.scope {cls.scope!r} must be one of {SCOPES}")

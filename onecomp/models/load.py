@@ -42,14 +42,19 @@ def embedded_path(name: str) -> Path:
     return path
 
 
+def gguf_cache_dir(path: Path) -> Path:
+    """Where the HF directory converted from the GGUF file ``path`` is cached."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
+
+
 def _from_gguf(path: Path, dtype: torch.dtype):
     """Dequantize a GGUF file through transformers, caching the result as an HF directory."""
     for mod, pip in (("gguf", "gguf"), ("accelerate", "accelerate")):
         if importlib.util.find_spec(mod) is None:
             raise ModelLoadError(f"loading {path.name} needs the package {pip}: pip install 'onecomp[gguf]'")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    cached = gguf_cache_dir(path)
     if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
         return _from_dir(cached, dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -36,6 +36,8 @@ class LayerwiseContext:
     run_info: object = None
     sequential: str = "layer"  # see CalibrationSection.sequential
     keep_mb: float = 512  # see CalibrationSection.keep_mb
+    files: object = None  # WeightFiles: the blocks are on disk and read one at a time (model.stream)
+    device: object = "cpu"  # where a streamed block is loaded
 
 
 def _key(spec) -> str:
@@ -87,12 +89,14 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         block = blocks[b]
         t0 = time.perf_counter()
         last = b == len(insp.blocks) - 1  # no next block: its outputs are never needed
+        _fetch(ctx, info)
         if _has(store, b):  # resume: re-apply, recompute activations only
             if fp_in is not None and not last:
                 fp_in = propagate_(block, fp_in)
             reports += _apply_saved(ctx, store, b)
             if not last:
                 q_in = propagate_(block, q_in)
+            _release(ctx, block)
             bar.update(1)
             continue
 
@@ -105,6 +109,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         if not last:
             q_in = q_out if q_out is not None else propagate_(block, q_in)
         fp_in = fp_out
+        _release(ctx, block)
         if ctx.run_info is not None:
             registry.hook.on_block_done(run=ctx.run_info,
                                         block=BlockReport(b, time.perf_counter() - t0, layer_reports))
@@ -112,6 +117,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         bar.set_postfix_str(f"max rel err {worst:.2e}")
         bar.update(1)
     bar.close()
+    _reassemble(ctx, store)
     return {"layers": [attrs.asdict(r) for r in reports]}
 
 
@@ -121,18 +127,60 @@ def _quantize_without_data(ctx, quantizers, store) -> dict:
     reports = []
     for b, info in enumerate(tqdm(ctx.inspection.blocks, desc="layer-wise", unit="block", disable=not ctx.progress)):
         if _has(store, b):
-            reports += _apply_saved(ctx, store, b)
+            if ctx.files is None:
+                reports += _apply_saved(ctx, store, b)
+            else:  # put back at the end by _reassemble
+                notes = distributed.from_main(lambda: store.load(b, ctx.registry)[1])
+                reports += [LayerReport(**r) for r in notes["layers"]]
             continue
         t0 = time.perf_counter()
+        _fetch(ctx, info)
         layer_reports, _, _ = _quantize_block(ctx, b, info, blocks[b], quantizers, None, None)
         if store is not None:
             store.save(b, {r.name: ctx.model.get_submodule(r.name) for r in layer_reports},
                        {"layers": [attrs.asdict(r) for r in layer_reports]})
+        _release(ctx, blocks[b])
         reports += layer_reports
         if ctx.run_info is not None:
             ctx.registry.hook.on_block_done(run=ctx.run_info,
                                             block=BlockReport(b, time.perf_counter() - t0, layer_reports))
+    _reassemble(ctx, store)
     return {"layers": [attrs.asdict(r) for r in reports]}
+
+
+def _fetch(ctx, info) -> None:
+    """Streaming: read one decoder block's weights from the model's files onto the device."""
+    if ctx.files is not None:
+        from ..models.lazy import load_params_
+
+        load_params_(ctx.model, info.prefix, ctx.files, ctx.device, _dtype(ctx.model))
+
+
+def _release(ctx, block) -> None:
+    """Streaming: the finished block (saved in the block store) leaves memory."""
+    if ctx.files is not None:
+        from ..models.lazy import release_
+
+        release_(block)
+
+
+def _reassemble(ctx, store) -> None:
+    """Streaming: the quantized model for the checkpoint, block by block from the block store: the
+    stored tensors of its QuantLinears (no dequantized copy kept) and its other weights from the files.
+    Rank 0 alone, which writes the checkpoint; the other processes are done."""
+    if ctx.files is None or store is None:
+        return
+    dtype = _dtype(ctx.model)
+    for b, info in enumerate(ctx.inspection.blocks):
+        saved, _ = store.load(b, ctx.registry)
+        for name, (fmt, shape, stored) in saved.items():  # QuantLinears first: their fp weights are never read
+            bias = ctx.files.get(f"{name}.bias").to(dtype) if f"{name}.bias" in ctx.files else None
+            replace_module(ctx.model, name, QuantLinear(fmt, shape, stored, bias, cache_dequantized=False).to(ctx.device))
+        _fetch(ctx, info)
+
+
+def _dtype(model) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
 
 
 def _my_windows(windows: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -114,9 +114,17 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
     torch.manual_seed(cfg.seed)
 
     _say(f"loading {cfg.model.id} …", progress)
-    loaded = load_model(cfg.model.id, cfg.model.dtype, cfg.model.trust_remote_code)
-    model, tok = loaded.model.to(device), loaded.tokenizer
-    inspection = inspect_model(model)
+    files = None
+    if cfg.model.stream:  # the decoder blocks stay on disk; the layer-wise stage reads them one at a time
+        from ..models.lazy import inspect_streamed, open_streamed
+
+        loaded, files = open_streamed(cfg.model.id, cfg.model.dtype, device, cfg.model.trust_remote_code)
+        model, tok = loaded.model, loaded.tokenizer
+        inspection = inspect_streamed(model, files, device)
+    else:
+        loaded = load_model(cfg.model.id, cfg.model.dtype, cfg.model.trust_remote_code)
+        model, tok = loaded.model.to(device), loaded.tokenizer
+        inspection = inspect_model(model)
     planner = registry.create(cfg.planner)
     plan = planner.plan(inspection, cfg.quantizer, registry)
     if not plan:
@@ -131,7 +139,7 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
         return {t: perplexity(m, w, cfg.evaluation.batch_size, progress, desc=f"ppl {t} ({label})")
                 for t, w in evals.items()}
 
-    if leader and cfg.evaluation.before and not state["before"]:
+    if leader and cfg.evaluation.before and not state["before"] and files is None:  # streamed: never whole
         _say("evaluating the fp model …", progress)
         state["before"] = evaluate(model, "fp")
         state["before_bits"] = {"dense_bits_per_weight": torch.finfo(next(model.parameters()).dtype).bits}
@@ -164,7 +172,7 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
         work = out / ".work" / f"{index:02d}-{name}"
         with Timer() as timer, PeakMemory() as mem:
             details = _run_stage(stage, model, inspection, plan, calib, cfg, registry, work, progress, run_info,
-                                 teacher)
+                                 teacher, (files, device))
         if not leader:
             continue
         bits = bits_summary(model)
@@ -224,13 +232,14 @@ def _stages(cfg: PipelineConfig, registry) -> list[_Stage]:
 
 
 def _run_stage(stage: _Stage, model, inspection, plan, calib, cfg, registry, work: Path, progress: bool,
-               run_info: RunInfo, teacher) -> dict:
+               run_info: RunInfo, teacher, stream=(None, "cpu")) -> dict:
     """One stage on ``model`` in place; ``teacher()`` gives the fp model for block/model refiners."""
     registry.hook.on_stage_start(run=run_info, stage=stage.info)
     if stage.spec is None:
         layer_refiners = [registry.create(s) for s in cfg.refiners if registry.get("refiner", s.name).scope == "layer"]
         ctx = LayerwiseContext(model, inspection, plan, layer_refiners, registry, calib, cfg.calibration.batch_size,
-                               work, cfg.seed, progress, run_info, cfg.calibration.sequential, cfg.calibration.keep_mb)
+                               work, cfg.seed, progress, run_info, cfg.calibration.sequential, cfg.calibration.keep_mb,
+                               *stream)
         return run_layerwise(ctx)
     refiner = registry.create(stage.spec)
     ctx = StageContext(model, teacher(), inspection, calib, cfg.calibration.batch_size, registry,

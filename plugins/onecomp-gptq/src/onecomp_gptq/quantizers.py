@@ -77,6 +77,9 @@ class RTN(Quantizer):
     Config = RTNConfig
     needs = frozenset()
 
+    def format_for(self, shape) -> GPTQFormat:
+        return GPTQFormat(GPTQParams(bits=self.config.bits, group_size=self.config.group_size, act_order=False))
+
     def quantize(self, task: LayerTask) -> Compressed:
         _check_finite(task)
         c = self.config
@@ -208,6 +211,24 @@ class GPTQ(Quantizer):
     def __init__(self, config=None):
         super().__init__(config)
         self._factor = None  # (H, hessian_factor of H): H kept alive so its identity stays unique
+
+    def format_for(self, shape) -> GPTQFormat:
+        c = self.config
+        return GPTQFormat(GPTQParams(bits=c.bits, group_size=c.group_size, act_order=c.act_order))
+
+    def estimate(self, task: LayerTask) -> torch.Tensor:
+        """GPTQ's Ŵ when only the diagonal of H is known (no error feedback between columns): round to
+        nearest on its grid, groups in act order; equals ``quantize`` when H is diagonal."""
+        c = self.config
+        W = task.W.detach().float().clone()
+        d = torch.diag(task.stats.H) if task.stats.H is not None else torch.ones(W.shape[1])
+        W[:, d == 0] = 0
+        d = torch.where(d == 0, torch.ones_like(d), d)
+        perm = torch.argsort(d, descending=True, stable=True) if c.act_order else torch.arange(W.shape[1])
+        q, s, z = rtn_quantize(W[:, perm], c.bits, c.group_size, c.sym, c.mse, c.mse_step)
+        g = W.shape[1] if c.group_size == -1 else c.group_size
+        group = torch.arange(W.shape[1]) // g
+        return (s[:, group] * (q - z[:, group]))[:, torch.argsort(perm)]
 
     def quantize(self, task: LayerTask) -> Compressed:
         _check_finite(task)

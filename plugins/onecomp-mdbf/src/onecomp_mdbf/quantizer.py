@@ -48,6 +48,13 @@ class MDBF(Quantizer):
         c = self.config
         return rank_for(shape[0], shape[1], c.envelope_rank, c.terms, c.target_bpw)
 
+    def format_for(self, shape) -> MDBFFormat:
+        c = self.config
+        r = self.rank(shape)
+        if r < 1:
+            raise ValueError(f"mdbf: target_bpw {c.target_bpw} is too low for a {shape[0]}×{shape[1]} weight")
+        return MDBFFormat(MDBFParams(rank=r, envelope_rank=c.envelope_rank, terms=c.terms))
+
     def quantize(self, task: LayerTask) -> Compressed:
         c = self.config
         W = task.W.detach().float()

@@ -1,0 +1,36 @@
+"""What each candidate costs on each layer: stored bits (from its format) and an error estimate.
+
+The error is the candidate quantizer's ``estimate`` of Ŵ on the layer's weight, given the statistics
+a planner has before any layer is quantized: ``E[x²]`` per input channel (``diag``), and for quantizers that need a
+Hessian its diagonal approximation ``H = 2 · diag(E[x²])``. The ``rtn`` cost takes ``E[x²] = 1``
+(no data: the plain weight error); ``activation`` uses calibration's ``diag`` statistics:
+
+    cost = Σ_q Σ_p (W − Ŵ)²_qp · E[x_p²]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from onecomp import LayerStats, LayerTask
+
+
+def statistics_for(quantizer, diag: torch.Tensor, n_tokens: int = 0) -> LayerStats:
+    """The LayerStats handed to a candidate: ``diag``, and ``H = 2·diag(diag)`` if it needs a Hessian."""
+    needs = set(quantizer.needs)
+    unknown = needs - {"diag", "hessian"}
+    if unknown:
+        raise ValueError(f"candidate {quantizer.name!r} needs {sorted(unknown)}, which a planner cannot supply "
+                         "before quantizing; allowed candidates need at most 'diag' and 'hessian'")
+    return LayerStats(n_tokens=n_tokens, diag=diag if "diag" in needs else None,
+                      H=torch.diag(2 * diag) if "hessian" in needs else None)
+
+
+def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, diag: torch.Tensor) -> float:
+    """Σ (W − Ŵ)² · diag, the input-channel-weighted squared error."""
+    return float(((W - W_hat).square() * diag[None, :]).sum())
+
+
+def layer_cost(quantizer, name: str, W: torch.Tensor, stats: LayerStats, diag: torch.Tensor) -> float:
+    """One candidate's error on one layer, from its quantizer's ``estimate``."""
+    return weighted_error(W, quantizer.estimate(LayerTask(name=name, W=W, stats=stats)), diag)
