@@ -50,6 +50,8 @@ def _cmd_inspect(args) -> int:
     from .models import inspect_model, load_model
 
     loaded = load_model(args.model, args.dtype, args.trust_remote_code)
+    if args.plan:
+        return _print_plan(args, loaded)
     summary = inspect_model(loaded.model).summary()
     formats = _quantized_formats(loaded.model)
     if formats:
@@ -67,6 +69,50 @@ def _cmd_inspect(args) -> int:
     for fmt, row in formats.items():
         print(f"quantized: {row['layers']} layers in format {fmt} {row['params']}, "
               f"{row['bits_per_weight']:.4f} bits per weight")
+    return 0
+
+
+def _print_plan(args, loaded) -> int:
+    """The plan a config's planner makes for the model, its stored bytes and budget, without quantizing."""
+    from .calibration import calibration_windows
+    from .components import STATISTICS
+    from .config import load_config
+    from .models import inspect_model
+    from .pipeline.run import make_plan
+    from .registry import Registry
+
+    registry = Registry.default()
+    cfg = load_config(args.plan, registry)
+    inspection = inspect_model(loaded.model)
+    planner = registry.create(cfg.planner)
+    windows = None
+    if set(planner.needs) & STATISTICS:
+        windows = calibration_windows(loaded.tokenizer, cfg.calibration.corpus, cfg.calibration.samples,
+                                      cfg.calibration.seq_len, cfg.calibration.seed)
+    plan = make_plan(planner, inspection, cfg, registry, loaded.model, windows, progress=not args.json)
+    shapes = {f"{b.prefix}.{rel}": tuple(s) for b in inspection.blocks for rel, s in b.linears.items()}
+    rows: dict = {}
+    for name, spec in plan.items():
+        row = rows.setdefault(json.dumps(spec.to_dict(), sort_keys=True), {"quantizer": spec.to_dict(), "layers": 0,
+                                                                          "weights": 0, "bits": 0})
+        row["layers"] += 1
+        row["weights"] += shapes[name][0] * shapes[name][1]
+        row["bits"] += registry.create(spec).format_for(shapes[name]).expected_bits(shapes[name])
+    bits, weights = sum(r["bits"] for r in rows.values()), sum(r["weights"] for r in rows.values())
+    report = planner.report() if hasattr(planner, "report") else {}  # planners need not subclass Planner
+    result = {"planner": cfg.planner.to_dict(), "layers": {k: v.to_dict() for k, v in plan.items()},
+              "by_quantizer": list(rows.values()), "planned_bits": bits, "planned_bytes": bits / 8,
+              "bits_per_weight": bits / weights, "budget": {k: v for k, v in report.items() if k != "layers"}}
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    print(f"plan by {cfg.planner.name} for {args.model}: {len(plan)} layers")
+    for r in rows.values():
+        print(f"  {r['layers']:>4} layers  {r['bits'] / r['weights']:.4f} bits/weight  {r['quantizer']}")
+    print(f"planned layers: {bits} bits = {bits / 8 / 2**20:.2f} MiB, {bits / weights:.4f} bits per weight")
+    if "budget_bits" in report:
+        print(f"budget: {report['budget_bits']} bits ({report['budget_bpw']:.4f} bits per weight), "
+              f"from {report.get('budget_source', '?')}")
     return 0
 
 
@@ -91,6 +137,8 @@ def _cmd_eval(args) -> int:
     from .models import load_model
 
     loaded = load_model(args.model, args.dtype, args.trust_remote_code)
+    if args.tasks:
+        return _eval_tasks(args, loaded)
     result = {}
     for text in args.text:
         windows = eval_windows(loaded.tokenizer, text, args.windows, args.seq_len)
@@ -100,6 +148,37 @@ def _cmd_eval(args) -> int:
     else:
         for text, ppl in result.items():
             print(f"{text}: ppl {ppl:.3f}")
+    return 0
+
+
+def _eval_tasks(args, loaded) -> int:
+    """lm-evaluation-harness tasks on the loaded model (and perplexity too when --text is given)."""
+    from .evaluation.harness import plain_results, run_tasks
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    out = run_tasks(loaded.model, loaded.tokenizer, tasks, include_path=args.include_path,
+                    batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
+    rows = plain_results(out)
+    if args.text:
+        from .evaluation import eval_windows, perplexity
+
+        for text in args.text:
+            windows = eval_windows(loaded.tokenizer, text, args.windows, args.seq_len)
+            rows[f"ppl:{text}"] = {"ppl": perplexity(loaded.model, windows, args.batch_size)}
+    if args.json:
+        print(json.dumps({"model": args.model, "tasks": rows, "versions": out["versions"]}, indent=2, default=str))
+        return 0
+    for task, metrics in rows.items():
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in metrics.items()))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.checkpoint, args.to, args.out, force=args.force, shard_size=args.shard_size)
+    print(f"wrote {out} ({args.to})")
     return 0
 
 
@@ -127,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="float32")
     i.add_argument("--trust-remote-code", action="store_true", help="let a plain HF model run its own code")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--plan", metavar="CONFIG",
+                   help="print the plan of CONFIG's planner for the model (bytes, budget) without quantizing")
     i.set_defaults(func=_cmd_inspect)
 
     e = sub.add_parser("eval", help="perplexity of a model or checkpoint (the protocol of docs/protocol.md)")
@@ -139,7 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32")
     e.add_argument("--json", action="store_true")
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs onecomp[lm-eval]); "
+                                   "perplexity then runs only for an explicit --text")
+    e.add_argument("--include-path", action="append", help="a directory of lm-eval task YAML files (repeatable)")
+    e.add_argument("--limit", type=int, help="at most this many documents per lm-eval task")
+    e.add_argument("--num-fewshot", type=int, help="few-shot examples per lm-eval task (default: the task's)")
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", help="write a checkpoint as compressed-tensors, gptq or gguf for other runtimes")
+    x.add_argument("checkpoint", help="a onecomp checkpoint directory")
+    x.add_argument("--to", required=True, choices=["compressed-tensors", "gptq", "gguf"], help="target format")
+    x.add_argument("out", help="output directory (a .gguf file for --to gguf)")
+    x.add_argument("--force", action="store_true", help="replace a non-empty output")
+    x.add_argument("--shard-size", default=None, help="shard weight files past this size (default 5GB)")
+    x.set_defaults(func=_cmd_export)
     return p
 
 
@@ -147,7 +241,7 @@ def main(argv=None) -> int:
     from .errors import OneCompError
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "text", None) is None and args.command == "eval":
+    if getattr(args, "text", None) is None and args.command == "eval" and not args.tasks:
         args.text = ["kjv-gospels", "pydoc-topics"]
     for flag in ("windows", "seq_len", "batch_size"):
         value = getattr(args, flag, None) if args.command == "eval" else None

@@ -325,16 +325,35 @@ def _read_weights(path: Path) -> dict:
     return read_weights(path)
 
 
+def _load_foreign(path: Path, dtype) -> nn.Module | None:
+    """A compressed-tensors ``pack-quantized`` directory another tool wrote (no manifest), dequantized
+    for evaluation; None for anything else."""
+    from ..export.compressed_tensors import is_pack_quantized, load_pack_quantized
+
+    if os.path.lexists(path / MANIFEST) or not is_pack_quantized(path):
+        return None
+    model = load_pack_quantized(path, dtype or torch.float32)
+    model.config.use_cache = False
+    return model
+
+
 def load(path: str | os.PathLike, registry=None, *, check_hashes: bool = True, dtype=None,
-         adapters=None) -> nn.Module:
+         adapters=None, backend=None, cache_dequantized: bool = True) -> nn.Module:
     """A transformers model with QuantLinear modules rebuilt from a onecomp checkpoint; ``adapters``
-    (adapter directories) are attached unmerged, by default those the checkpoint carries."""
+    (adapter directories) are attached unmerged, by default those the checkpoint carries.
+    ``backend`` (``"auto"``, a name or a list, see ``onecomp.kernels``) picks each module's kernel;
+    None runs the reference path, keeping dequantized weights when ``cache_dequantized``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..kernels import resolve_backends, select_kernels
     from ..registry import Registry
 
     registry = registry or Registry.default()
+    backends = resolve_backends(backend, registry)  # first: an unknown name fails before the weights are read
     path = Path(path)
+    foreign = _load_foreign(path, dtype)
+    if foreign is not None:
+        return foreign
     manifest = read_manifest(path)
     _validate_manifest(path, manifest)
     files = _safe_files(path, manifest)
@@ -390,6 +409,7 @@ def load(path: str | os.PathLike, registry=None, *, check_hashes: bool = True, d
         model.tie_weights()
     model.eval()
     model.config.use_cache = False
+    select_kernels(model, backends, cache_dequantized=cache_dequantized)
     from .adapters import attach_adapters
 
     return attach_adapters(model, path, adapters, registry, check_hashes=check_hashes)

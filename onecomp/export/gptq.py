@@ -33,7 +33,7 @@ def check(name: str, a: AffineInt) -> None:
 def module_tensors(name: str, a: AffineInt) -> dict[str, torch.Tensor]:
     g_idx = a.static_g_idx() if a.g_idx is None else a.g_idx
     zeros_minus_one = (a.zeros.long() - 1) & (2**a.bits - 1)
-    return {f"{name}.qweight": pack_rows(a.q.T.contiguous(), a.bits).T.contiguous(),
+    return {f"{name}.qweight": pack_rows(a.q, a.bits).T.contiguous(),
             f"{name}.qzeros": pack_rows(zeros_minus_one.T.contiguous(), a.bits),
             f"{name}.scales": a.scales.to(torch.float16).T.contiguous(),
             f"{name}.g_idx": g_idx.to(torch.int32).contiguous()}

@@ -123,6 +123,13 @@ def _check_complete(path, info: dict) -> None:
                          "they would be random — refusing to load it")
 
 
+def _is_pack_quantized(path: Path) -> bool:
+    """A compressed-tensors pack-quantized directory (read by ``onecomp.checkpoint.load``)."""
+    from ..export.compressed_tensors import is_pack_quantized
+
+    return is_pack_quantized(path)
+
+
 def load_model(source: str = "smollm2-135m", dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
     """Load ``source``: an embedded name, a local HF directory, a ``.gguf`` file, or an HF hub id."""
     if dtype not in DTYPES:
@@ -138,7 +145,7 @@ def load_model(source: str = "smollm2-135m", dtype: str = "float32", trust_remot
                 raise ModelLoadError(f"GGUF file {path} does not exist")
             model, tok = _from_gguf(path, torch_dtype)
         elif path.is_dir():
-            if (path / "onecomp.json").exists():
+            if (path / "onecomp.json").exists() or _is_pack_quantized(path):
                 from ..checkpoint import load
 
                 model = load(path)  # checks every file against the manifest; code in a checkpoint never runs

@@ -1,0 +1,236 @@
+"""Interop: checkpoints plain transformers never loads as random weights, exports to
+compressed-tensors and the classic GPTQ layout, import of pack-quantized, sharded weights."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import onecomp
+from onecomp import Registry
+from onecomp.checkpoint import save_checkpoint
+from onecomp.export import ExportError, export, pack_rows
+from onecomp.testing.models import make_tiny_llama
+
+#: logits of the exported model against onecomp.load (both fp32; the weights are the same numbers)
+ATOL = 1e-5
+
+
+def _checkpoint(path, quantizer, registry, **kw):
+    model = make_tiny_llama(seed=0)
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    onecomp.compress(model, config={"plan": {"quantizer": quantizer}}, windows=windows, registry=registry)
+    save_checkpoint(model, None, path, registry, base_model="tiny", config={}, stages=[], **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reg():
+    return Registry.default()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def asym(tmp_path_factory, reg):
+    return _checkpoint(tmp_path_factory.mktemp("asym") / "ckpt", {"name": "rtn", "bits": 4, "group_size": 32}, reg)
+
+
+@pytest.fixture(scope="module")
+def sym(tmp_path_factory, reg):
+    return _checkpoint(tmp_path_factory.mktemp("sym") / "ckpt",
+                       {"name": "rtn", "bits": 4, "group_size": 32, "sym": True}, reg)
+
+
+def _reference(path, ids):
+    with torch.no_grad():
+        return onecomp.load(path)(ids).logits
+
+
+def _plain_transformers(path, ids_path, out_path):
+    """Run transformers' from_pretrained on ``path`` in a subprocess where onecomp cannot be imported;
+    returns (exit code, stderr); logits go to ``out_path``."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["onecomp"] = None  # any import of onecomp raises ImportError
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(path)!r})
+        with torch.no_grad():
+            torch.save(model(torch.load({str(ids_path)!r})).logits, {str(out_path)!r})
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stderr
+
+
+# ---------------------------------------------------------------- no silent load
+
+
+def test_every_checkpoint_carries_a_quantization_config(asym):
+    qc = json.loads((asym / "config.json").read_text())["quantization_config"]
+    assert qc["onecomp"]["formats"] == ["gptq"] and qc["onecomp"]["loader"] == "onecomp.load"
+
+
+def test_plain_transformers_fails_loudly_on_packed_formats(asym, tmp_path, ids, reg):
+    mdbf = _checkpoint(tmp_path / "mdbf", {"name": "mdbf", "iterations": 1, "target_bpw": 4.0}, reg)
+    torch.save(ids, tmp_path / "ids.pt")
+    for path in (asym, mdbf):
+        code, err = _plain_transformers(path, tmp_path / "ids.pt", tmp_path / "out.pt")
+        assert code != 0, f"transformers loaded {path} without an error"
+        last = err.strip().splitlines()[-1]
+        assert "OneComp checkpoint" in last and "onecomp.load(path)" in last, last
+        assert ("onecomp export" in last) == (path == asym)  # mdbf has no runtime to export to
+
+
+def test_plain_transformers_loads_a_dense_checkpoint_correctly(tmp_path, ids, reg):
+    from onecomp.builtin.dense import Dense
+    from onecomp.checkpoint import QuantLinear
+    from onecomp.models import inspect_model
+
+    model = make_tiny_llama(seed=0)
+    fmt = Dense.from_dict({"dtype": "float32"})
+    for name in inspect_model(model).linear_names():
+        W = model.get_submodule(name).weight.detach()
+        onecomp.replace_module(model, name, QuantLinear(fmt, tuple(W.shape), fmt.pack({"weight": W}, W.shape)))
+    save_checkpoint(model, None, tmp_path / "dense", reg, base_model="tiny", config={}, stages=[])
+    torch.save(ids, tmp_path / "ids.pt")
+    code, err = _plain_transformers(tmp_path / "dense", tmp_path / "ids.pt", tmp_path / "out.pt")
+    assert code == 0, err
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), _reference(tmp_path / "dense", ids), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- compressed-tensors
+
+
+def test_our_packing_is_compressed_tensors_pack_to_int32():
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    g = torch.Generator().manual_seed(0)
+    for bits in range(1, 9):
+        q = torch.randint(0, 2**bits, (5, 77), generator=g)
+        ours = pack_rows(q, bits)
+        theirs = helpers.pack_to_int32((q - (1 << (bits - 1))).to(torch.int8), bits)
+        assert torch.equal(ours, theirs), bits
+        theirs0 = helpers.pack_to_int32((q.T - (1 << (bits - 1))).to(torch.int8).contiguous(), bits, packed_dim=0)
+        assert torch.equal(pack_rows(q, bits).T, theirs0), bits
+
+
+def test_compressed_tensors_export_loads_in_plain_transformers(sym, tmp_path, ids):
+    pytest.importorskip("compressed_tensors")
+    out = export(sym, "compressed-tensors", tmp_path / "ct")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["quantization_status"] == "compressed"
+    (weights,) = qc["config_groups"].values()
+    assert weights["weights"]["symmetric"] and weights["weights"]["group_size"] == 32
+    torch.save(ids, tmp_path / "ids.pt")
+    code, err = _plain_transformers(out, tmp_path / "ids.pt", tmp_path / "out.pt")
+    assert code == 0, err
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), _reference(sym, ids), atol=ATOL, rtol=0)
+
+
+def test_asymmetric_export_decompresses_exactly_with_compressed_tensors(asym, tmp_path, ids):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    out = export(asym, "compressed-tensors", tmp_path / "ct")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = qc["config_groups"].values()
+    scheme = QuantizationScheme(targets=group["targets"], weights=group["weights"])
+    tensors = load_file(out / "model.safetensors")
+    model = onecomp.load(asym)
+    name = "model.layers.1.mlp.down_proj"
+    stored = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+    assert set(stored) == {"weight_packed", "weight_scale", "weight_zero_point", "weight_shape"}
+    W = PackedQuantizationCompressor.decompress(stored, scheme)["weight"]
+    torch.testing.assert_close(W.float(), model.get_submodule(name).dequantize(), atol=0, rtol=0)
+    # and onecomp reads it back as another tool's checkpoint
+    with torch.no_grad():
+        torch.testing.assert_close(onecomp.load(out)(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
+    # transformers 5.x refuses asymmetric pack-quantized files: loudly, never silently
+    torch.save(ids, tmp_path / "ids.pt")
+    code, err = _plain_transformers(out, tmp_path / "ids.pt", tmp_path / "out.pt")
+    assert code != 0 or torch.allclose(torch.load(tmp_path / "out.pt"), model(ids).logits, atol=ATOL)
+
+
+def test_act_order_and_unreadable_formats_are_refused(tmp_path, reg):
+    gptq = _checkpoint(tmp_path / "gptq", {"name": "gptq", "bits": 4, "group_size": 32, "act_order": True,
+                                           "mse": False}, reg)
+    with pytest.raises(ExportError, match="act-order.*g_idx.*--to gptq"):
+        export(gptq, "compressed-tensors", tmp_path / "ct")
+    mdbf = _checkpoint(tmp_path / "mdbf", {"name": "mdbf", "iterations": 1, "target_bpw": 4.0}, reg)
+    for target in ("compressed-tensors", "gptq"):
+        with pytest.raises(ExportError, match=r"format 'mdbf', which no runtime .* accepts .*formats gptq"):
+            export(mdbf, target, tmp_path / target)
+
+
+# ---------------------------------------------------------------- classic GPTQ layout
+
+
+def _unpack_classic(qweight, qzeros, scales, g_idx, bits):
+    """An independent reading of AutoGPTQ's layout: 32/bits codes per int32 (2, 4, 8 bits), zeros minus one."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits)
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    q = ((words[:, None, :] >> shifts[None, :, None]) & (2**bits - 1)).reshape(-1, qweight.shape[1])  # [in, out]
+    zw = qzeros.to(torch.int64) & 0xFFFFFFFF
+    z = ((zw[:, :, None] >> shifts[None, None, :]) & (2**bits - 1)).reshape(qzeros.shape[0], -1)  # [G, out]
+    z = (z + 1) & (2**bits - 1)
+    assert q.shape[0] == qweight.shape[0] * per
+    return (scales.float()[g_idx.long()] * (q - z[g_idx.long()]).float()).T  # [out, in]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_gptq_export_matches_an_independent_unpacking(tmp_path, reg, bits):
+    from safetensors.torch import load_file
+
+    ckpt = _checkpoint(tmp_path / "c", {"name": "gptq", "bits": bits, "group_size": 32, "act_order": True,
+                                        "mse": False}, reg)
+    out = export(ckpt, "gptq", tmp_path / "gptq")
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc == {k: v for k, v in json.loads((out / "config.json").read_text())["quantization_config"].items()
+                  if k != "quant_method"}
+    assert qc["bits"] == bits and qc["group_size"] == 32 and qc["desc_act"] and qc["checkpoint_format"] == "gptq"
+    tensors = load_file(out / "model.safetensors")
+    model = onecomp.load(ckpt)
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
+        t = {k: tensors[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        out_f, in_f = model.get_submodule(name).shape
+        assert t["qweight"].shape == (in_f * bits // 32, out_f) and t["qzeros"].shape == (in_f // 32, out_f * bits // 32)
+        W = _unpack_classic(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits)
+        torch.testing.assert_close(W, model.get_submodule(name).dequantize(), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- sharding and the command line
+
+
+def test_sharded_checkpoint_round_trips(tmp_path, reg, ids):
+    path = _checkpoint(tmp_path / "sharded", {"name": "rtn", "bits": 4, "group_size": 32}, reg, shard_size="40KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (path / "model.safetensors").exists()
+    assert all((path / s).stat().st_size <= 40_000 or len(__import__("safetensors").safe_open(
+        path / s, "pt").keys()) == 1 for s in shards)
+    manifest = json.loads((path / "onecomp.json").read_text())
+    assert set(shards) | {"model.safetensors.index.json"} <= set(manifest["files"])
+    whole = _checkpoint(tmp_path / "whole", {"name": "rtn", "bits": 4, "group_size": 32}, reg)
+    torch.testing.assert_close(_reference(path, ids), _reference(whole, ids), atol=0, rtol=0)
+    out = export(path, "compressed-tensors", tmp_path / "ct", shard_size="40KB")
+    assert (out / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(onecomp.load(out)(ids).logits, _reference(whole, ids), atol=ATOL, rtol=0)
+
+
+def test_export_on_the_command_line(sym, tmp_path, capsys):
+    from onecomp.cli import main
+
+    assert main(["export", str(sym), "--to", "gptq", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g" / "quantize_config.json").exists()
+    assert main(["export", str(sym), "--to", "gptq", str(tmp_path / "g")]) == 2  # not empty, no --force
+    assert "--force" in capsys.readouterr().err
