@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from ..components import replace_module
+from ..errors import RunError, UnknownComponent
 from .quantlinear import QuantLinear
 
 
@@ -44,16 +45,25 @@ class BlockStore:
         os.replace(tmp, js)
 
     def load(self, b: int, registry) -> tuple[dict, dict]:
-        """``({name: (format, shape, stored)}, notes)`` of a saved block."""
+        """``({name: (format, shape, stored)}, notes)`` of a saved block; a corrupted block is a RunError
+        that says how to recompute it."""
         st, js = self._paths(b)
-        meta = json.loads(js.read_text())
-        tensors = load_file(st)
-        out = {}
-        for name, m in meta["modules"].items():
-            fmt = registry.get("format", m["format"]).from_dict(m["params"])
-            stored = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
-            out[name] = (fmt, tuple(m["shape"]), stored)
-        return out, meta["notes"]
+        try:
+            meta = json.loads(js.read_text())
+            tensors = load_file(st)
+            out = {}
+            for name, m in meta["modules"].items():
+                fmt = registry.get("format", m["format"]).from_dict(m["params"])
+                stored = {k.split("::", 1)[1]: v for k, v in tensors.items() if k.split("::", 1)[0] == name}
+                fmt.check(stored, tuple(m["shape"]))
+                out[name] = (fmt, tuple(m["shape"]), stored)
+            return out, meta["notes"]
+        except UnknownComponent:
+            raise
+        except Exception as exc:
+            raise RunError(f"{js.parent}: the work files of block {b} are corrupted ({type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())[:200]}); delete {st.name} and {js.name} and rerun with "
+                           "--resume to recompute that block (or --force to start over)") from None
 
     def apply(self, b: int, model, registry) -> dict:
         """Put a saved block's QuantLinears into ``model`` (keeping each layer's bias); its notes."""

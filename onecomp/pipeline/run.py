@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -64,16 +66,111 @@ def _extends(old: dict, new: dict, registry) -> bool:
     return old_layer == new_layer and new_later[:len(old_later)] == old_later
 
 
+LOCK = ".lock"
+
+
+def _lock(out: Path) -> None:
+    """Hold ``<out>/.lock`` (our pid) for the run: a second process on one directory is refused at once,
+    naming the holder; a lock left by a dead process (or an earlier call in this one) is taken over."""
+    path = out / LOCK
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+                pid, host = int(holder["pid"]), holder.get("host")
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = None, None  # half-written: its writer died between create and write
+            if pid is not None and pid != os.getpid() and host == socket.gethostname() and _alive(pid):
+                raise RunError(f"output.dir: {out} is in use by another onecomp run (pid {pid}, lock file "
+                               f"{path}, since {holder.get('since', '?')}); wait for it to end or choose another "
+                               "output.dir")
+            if pid is not None and host not in (None, socket.gethostname()):
+                raise RunError(f"output.dir: {out} is locked by pid {pid} on host {host} ({path}); delete the "
+                               "lock file if that run is over")
+            log.info("taking over the stale lock %s (pid %s)", path, pid)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        return
+    raise RunError(f"output.dir: cannot take the lock {path}; another run keeps creating it")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlock(out: Path) -> None:
+    try:
+        if json.loads((out / LOCK).read_text()).get("pid") == os.getpid():
+            (out / LOCK).unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _clean_partial(out: Path) -> None:
+    """Remove what a killed process left half-written: ``.NAME.tmpPID``/``.NAME.oldPID`` checkpoint copies and
+    JSON files, and unfinished per-block work files (the finished ones are complete: written, then renamed)."""
+    for p in [*out.glob(".*.tmp*"), *out.glob(".*.old*"), *out.glob(".work/*/*.tmp")]:
+        log.info("removing %s, left by an interrupted run", p)
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunError(f"{path}: cannot be read ({exc}); move the directory away or rerun with --force") from None
+    if not isinstance(state, dict) or not isinstance(state.get("stages", []), list):
+        raise RunError(f"{path}: is not a run state; move the directory away or rerun with --force")
+    state.setdefault("before", {})
+    state.setdefault("stages", [])
+    return state
+
+
+def _has_progress(out: Path, state: dict) -> bool:
+    """A finished stage or a finished block: work that a new config would throw away."""
+    return bool(state["stages"]) or any((out / ".work").glob("*/block-*.json"))
+
+
 def _prepare_out(out: Path, config: dict, resume: bool, force: bool, registry) -> dict:
+    if out.exists() and not out.is_dir():
+        raise RunError(f"output.dir: {out} is a file; choose a directory (it is created if missing)")
     state_path = out / "run.json"
+    if resume and not state_path.exists():
+        raise RunError(f"nothing to resume: {out} holds no run ({state_path} does not exist); --resume continues "
+                       "the run in the config's output.dir, so pass the same config (or --output DIR)")
+    out.mkdir(parents=True, exist_ok=True)
+    _lock(out)
+    _clean_partial(out)
     if state_path.exists():
-        state = json.loads(state_path.read_text())
+        state = _read_state(state_path)
+        stopped = state.pop("stopped", None)
+        same = _same_run(state.get("config", {}), config)
         if force:
-            shutil.rmtree(out)
-        elif _same_run(state.get("config", {}), config) or resume:
-            if not _same_run(state.get("config", {}), config):
+            for p in out.iterdir():
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif same or resume:
+            if not same:
+                if not _has_progress(out, state):
+                    raise RunError(f"{out}: the run there stopped before finishing any block "
+                                   f"({stopped or 'no reason recorded'}) and had another config; run without "
+                                   "--resume to start this one")
                 raise RunError(f"{out} holds a run with a different config; use another output.dir or --force")
-            log.info("resuming the run in %s", out)
+            if stopped:
+                log.info("resuming the run in %s, which stopped: %s", out, stopped)
+            else:
+                log.info("resuming the run in %s", out)
             state["config"] = config  # the directory may have been moved or copied
             return state
         elif _extends(state.get("config", {}), config, registry):
@@ -81,15 +178,26 @@ def _prepare_out(out: Path, config: dict, resume: bool, force: bool, registry) -
             state["config"] = config
             write_json(state_path, state)
             return state
+        elif not _has_progress(out, state):  # an early failure (a typo in model.id) blocks nothing
+            log.info("replacing the run in %s, which stopped before finishing any block (%s)", out, stopped)
         else:
             raise RunError(f"{out} holds a run with a different config; pass --force to start over "
                            "or choose another output.dir")
-    elif resume:
-        raise RunError(f"nothing to resume: {state_path} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
     state = {"config": config, "before": {}, "stages": []}
     write_json(state_path, state)
     return state
+
+
+def _stopped(out: Path, exc: BaseException) -> None:
+    """Record in run.json why a run stopped, so that a later --resume or a new config can say it."""
+    state_path = out / "run.json"
+    try:
+        state = _read_state(state_path)
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        state["stopped"] = f"{reason} ({time.strftime('%Y-%m-%dT%H:%M:%S%z')})"[:500]
+        write_json(state_path, state)
+    except (OSError, RunError):
+        pass  # a full disk: the original error says more
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -110,6 +218,20 @@ def run(source=None, *, registry: Registry | None = None, resume: bool = False, 
     leader = _join(device)
     progress = progress and leader
     state = distributed.from_main(lambda: _prepare_out(out, cfg.raw, resume, force, registry))
+    try:
+        result = _run_in(cfg, registry, out, state, backend, device, leader, progress)
+    except BaseException as exc:
+        if leader:
+            _stopped(out, exc)
+        raise
+    if leader:
+        _unlock(out)
+    return result
+
+
+def _run_in(cfg: PipelineConfig, registry, out: Path, state: dict, backend, device, leader: bool,
+            progress: bool) -> dict:
+    """The body of ``run`` once its output directory is prepared and locked."""
     t_run = time.perf_counter()
     torch.manual_seed(cfg.seed)
 
