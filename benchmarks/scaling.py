@@ -6,6 +6,15 @@
     python benchmarks/scaling.py depth          # random Llama, hidden 1024, 2 / 4 / 8 blocks, 32 windows
     python benchmarks/scaling.py embedded       # the embedded model itself, 32 / 128 / 512 windows (slow:
                                                 #   about 35 min for 512 windows on 2 cores)
+    python benchmarks/scaling.py dp             # the embedded model's layer-wise stage, 32 windows, run three
+                                                #   ways back to back: 1 process × 1 thread, 1 × 2 threads,
+                                                #   torchrun 2 processes × 1 thread (gloo); time ratios, and
+                                                #   whether the 2-process checkpoint equals the 1-process one
+    python benchmarks/scaling.py sweep          # out of core: synthetic random Llama, hidden 2048, 8 / 16 / 32
+                                                #   blocks (0.5–6 GB fp32, written to $ONECOMP_SWEEP_DIR or /tmp
+                                                #   as sharded safetensors), model.stream, RTN 4-bit and GPTQ
+                                                #   4-bit g128 (min-max grid) on 8 windows: peak RSS against
+                                                #   the model's size
     python benchmarks/scaling.py --table        # regenerate results/scaling.md only
 
 GPTQ 4-bit g128 (the plugin's defaults), calibration on KJV with seq_len 512, no
@@ -21,6 +30,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,6 +41,9 @@ SERIES = {
     "width": [{"hidden": h, "blocks": 2, "samples": 32} for h in (576, 1024, 2048)],
     "depth": [{"hidden": 1024, "blocks": n, "samples": 32} for n in (2, 4, 8)],
     "embedded": [{"model": "smollm2-135m", "samples": n} for n in (32, 128, 512)],
+    "dp": [],  # run_dp
+    "sweep": [{"sweep": True, "hidden": 2048, "blocks": n, "quantizer": q, "samples": 8}
+              for q in ("rtn", "gptq") for n in (8, 32, 16)],
 }
 
 
@@ -54,7 +67,113 @@ def random_llama(hidden: int, blocks: int, root: Path) -> Path:
     return path
 
 
+def synthetic_llama(hidden: int, blocks: int, root: Path) -> Path:
+    """A seeded random Llama written tensor by tensor as sharded safetensors (one shard per block, an
+    index), never whole in memory: N(0, 0.02) weights, unit norms, tied embedding."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from onecomp.models import load_model
+
+    path = root / f"synthetic-h{hidden}-b{blocks}"
+    if (path / "model.safetensors.index.json").exists():
+        return path
+    tok = load_model("smollm2-135m").tokenizer
+    heads, inter = hidden // 64, int(hidden * 2.75) // 64 * 64
+    kv = heads // 4
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=blocks,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
+                      tie_word_embeddings=True)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(path)
+    tok.save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).mul_(0.02)
+
+    shards = [{"model.embed_tokens.weight": randn(len(tok), hidden), "model.norm.weight": torch.ones(hidden)}]
+    for b in range(blocks):
+        pre = f"model.layers.{b}"
+        shards.append({f"{pre}.input_layernorm.weight": torch.ones(hidden),
+                       f"{pre}.post_attention_layernorm.weight": torch.ones(hidden),
+                       f"{pre}.self_attn.q_proj.weight": randn(hidden, hidden),
+                       f"{pre}.self_attn.k_proj.weight": randn(kv * 64, hidden),
+                       f"{pre}.self_attn.v_proj.weight": randn(kv * 64, hidden),
+                       f"{pre}.self_attn.o_proj.weight": randn(hidden, hidden),
+                       f"{pre}.mlp.gate_proj.weight": randn(inter, hidden),
+                       f"{pre}.mlp.up_proj.weight": randn(inter, hidden),
+                       f"{pre}.mlp.down_proj.weight": randn(hidden, inter)})
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        shards[i] = None
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return path
+
+
+def run_sweep_point(point: dict) -> dict:
+    """One out-of-core point, in this process: the streamed layer-wise stage on a synthetic model."""
+    import resource
+
+    import onecomp
+    from onecomp.registry import Registry
+
+    root = Path(os.environ.get("ONECOMP_SWEEP_DIR", "/tmp/onecomp-sweep"))
+    model = synthetic_llama(point["hidden"], point["blocks"], root)
+    model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    quantizer = {"rtn": {"name": "rtn", "bits": 4},
+                 "gptq": {"name": "gptq", "bits": 4, "group_size": 128, "mse": False}}[point["quantizer"]]
+    rss_before = resident_mb()
+    with tempfile.TemporaryDirectory(prefix="onecomp-sweep-run-") as tmp:
+        config = {"model": {"id": str(model), "stream": True},
+                  "calibration": {"corpus": "kjv", "samples": point["samples"], "seq_len": 512, "seed": 0},
+                  "plan": {"planner": "uniform", "quantizer": quantizer},
+                  "evaluation": {"texts": [], "before": False},
+                  "output": {"dir": str(Path(tmp) / "run")}}
+        stage = onecomp.run(config, registry=Registry.default(), progress=True)["stages"][0]
+    row = {**point, "model_mb": model_bytes / 2**20, "seconds": stage["seconds"],
+           "seconds_per_block": stage["seconds"] / point["blocks"], "stage_peak_rss_mb": stage["peak_rss_mb"],
+           "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "rss_before_run_mb": rss_before, "bits_per_weight": stage["bits"]["bits_per_weight"],
+           "env": environment()}
+    record("scaling", key(point), row)
+    return row
+
+
+def sweep_table(data: dict) -> list[str]:
+    rows = sorted((v for k, v in data.items() if k.startswith("sweep-")), key=lambda r: (r["quantizer"], r["blocks"]))
+    if not rows:
+        return []
+    lines = ["", "## Out of core: depth sweep (`scaling.py sweep`)", "",
+             "Synthetic random Llama models (hidden 2048, intermediate 5632, 32 heads / 8 kv heads, vocabulary 49152, "
+             "tied embedding) written by the benchmark as sharded fp32 safetensors, run with `model.stream = true`, "
+             "GPTQ with the min-max grid (`mse = false`), 8 calibration windows of 512 tokens, no evaluation, each point in its own process. *stage peak* is the "
+             "layer-wise stage's peak RSS (sampled), *process peak* the whole process's (it also writes the "
+             "checkpoint, whose tensors are then all in memory). *growth* compares with the 8-block point of the same "
+             "quantizer.", "",
+             "| quantizer | blocks | fp32 model (MiB) | stage time (s) | s per block | stage peak RSS (MiB) "
+             "| stage peak / model | growth vs 8 blocks | process peak RSS (MiB) | process peak / model |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base = {r["quantizer"]: r["stage_peak_rss_mb"] for r in rows if r["blocks"] == 8}
+    for r in rows:
+        growth = (f"{100 * (r['stage_peak_rss_mb'] / base[r['quantizer']] - 1):+.1f}%"
+                  if r["quantizer"] in base else "–")
+        lines.append(f"| {r['quantizer']} | {r['blocks']} | {r['model_mb']:.0f} | {r['seconds']:.0f} | "
+                     f"{r['seconds_per_block']:.1f} | {r['stage_peak_rss_mb']:.0f} | "
+                     f"{r['stage_peak_rss_mb'] / r['model_mb']:.3f} | {growth} | {r['process_peak_rss_mb']:.0f} | "
+                     f"{r['process_peak_rss_mb'] / r['model_mb']:.3f} |")
+    return lines
+
+
 def key(row: dict) -> str:
+    if row.get("sweep"):
+        return f"sweep-{row['quantizer']}-h{row['hidden']}-b{row['blocks']}-n{row['samples']}"
     if "model" in row:
         return f"{row['model']}-n{row['samples']}"
     return f"llama-h{row['hidden']}-b{row['blocks']}-n{row['samples']}"
@@ -99,6 +218,63 @@ def run_point(point: dict) -> dict:
     return row
 
 
+DP_WAYS = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # processes × threads each
+
+
+def run_dp() -> None:
+    """The embedded model's layer-wise stage three ways, back to back, each in fresh processes."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = {"model": {"id": "smollm2-135m"},
+              "calibration": {"corpus": "kjv", "samples": 32, "seq_len": 512, "seed": 0},
+              "plan": {"planner": "uniform", "quantizer": {"name": "gptq", "bits": 4, "group_size": 128}},
+              "evaluation": {"texts": [], "before": False}}
+    with tempfile.TemporaryDirectory(prefix="onecomp-dp-") as tmp:
+        rows = {}
+        for way, (procs, threads) in DP_WAYS.items():
+            out = Path(tmp) / way
+            cfg = Path(tmp) / f"{way}.json"
+            cfg.write_text(json.dumps({**config, "output": {"dir": str(out)}}))
+            launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                         str(procs)] if procs > 1 else [sys.executable])
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            load_start, t0 = os.getloadavg()[0], time.perf_counter()
+            subprocess.run([*launcher, "-m", "onecomp", "run", str(cfg), "--quiet"], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            stage = json.loads((out / "report.json").read_text())["stages"][0]
+            rows[way] = {"processes": procs, "threads": threads, "stage_seconds": stage["seconds"],
+                         "wall_seconds": wall, "peak_rss_mb_rank0": stage["peak_rss_mb"],
+                         "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
+            print(f"dp {way}: stage {stage['seconds']:.0f} s, whole run {wall:.0f} s", flush=True)
+        one, two = (load_file(Path(tmp) / w / "01-layerwise" / "model.safetensors") for w in ("1x1", "2x1"))
+        identical = one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    for way, row in rows.items():
+        record("scaling", f"dp-{way}", {**row, "samples": 32, "identical_to_1x1": identical if way == "2x1" else None,
+                                        "env": environment()})
+
+
+def dp_table(data: dict) -> list[str]:
+    rows = {k[3:]: v for k, v in data.items() if k.startswith("dp-")}
+    if not {"1x1", "1x2", "2x1"} <= rows.keys():
+        return []
+    base, two_threads = rows["1x1"]["stage_seconds"], rows["1x2"]["stage_seconds"]
+    lines = ["", "## Data-parallel calibration (`scaling.py dp`)", "",
+             "The embedded model's layer-wise stage (GPTQ 4-bit g128, 32 windows of 512 tokens, batch 8), run "
+             "back to back in fresh processes on the same 2-core machine. *speed-up* is the 1 × 1 stage time over "
+             "the row's. 2 × 1 is `torchrun --standalone --nproc-per-node 2 -m onecomp run` (gloo).", "",
+             "| processes × threads | stage (s) | whole run (s) | speed-up vs 1 × 1 | vs 1 × 2 | peak RSS rank 0 (MiB) "
+             "| checkpoint = 1 × 1 | load |", "|---|---|---|---|---|---|---|---|"]
+    for way in DP_WAYS:
+        r = rows[way]
+        same = {True: "bit-identical", False: "differs", None: "–"}[r.get("identical_to_1x1")]
+        lines.append(f"| {r['processes']} × {r['threads']} | {r['stage_seconds']:.0f} | {r['wall_seconds']:.0f} | "
+                     f"{base / r['stage_seconds']:.2f} | {two_threads / r['stage_seconds']:.2f} | "
+                     f"{r['peak_rss_mb_rank0']:.0f} | {same} | {r['loadavg_start']:.1f} → {r['loadavg_end']:.1f} |")
+    return lines
+
+
 def model_mb(row: dict) -> float:
     """fp32 size of the model: its decoder linear layers plus the (tied) embedding, vocabulary 49152."""
     return (row["weights"] + 49152 * row.get("hidden", 576)) * 4 / 2**20
@@ -135,7 +311,8 @@ def table() -> str:
              "| activations (MiB) | peak RSS (MiB) | fp32 model (MiB) | peak RSS − model (MiB) "
              "| resident after block 1 → last (MiB) | growth per block (MiB) | codes per block (MiB) | load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k in sorted(data, key=lambda k: (data[k].get("hidden", 576), data[k].get("blocks", 30),
+    series = {k: v for k, v in data.items() if not k.startswith(("dp-", "sweep-"))}
+    for k in sorted(series, key=lambda k: (data[k].get("hidden", 576), data[k].get("blocks", 30),
                                           data[k]["samples"])):
         r = data[k]
         hidden, blocks, model = r.get("hidden", 576), r.get("blocks", 30), model_mb(r)
@@ -143,6 +320,7 @@ def table() -> str:
                      f"{fmt(r['seconds'], 0)} | {fmt(r['seconds'] / blocks, 1)} | "
                      f"{fmt(r['samples'] * 512 * hidden * 4 / 2**20, 0)} | {fmt(r['peak_rss_mb'], 0)} | "
                      f"{fmt(model, 0)} | {fmt(r['peak_rss_mb'] - model, 0)} | {block_memory(r)} |")
+    lines += dp_table(data) + sweep_table(data)
     text = "\n".join(lines) + "\n"
     (RESULTS / "scaling.md").write_text(text)
     return text
@@ -158,14 +336,19 @@ def main():
     if unknown:
         p.error(f"unknown series {', '.join(unknown)}; choose from {', '.join(SERIES)}")
     if args.point:
-        run_point(json.loads(args.point))
+        point = json.loads(args.point)
+        (run_sweep_point if point.get("sweep") else run_point)(point)
         return
     for name in args.series:
+        if name == "dp":
+            run_dp()
+            continue
         for point in SERIES[name]:
             # one process per point: a peak RSS is then that point's alone, not what earlier ones left behind
             subprocess.run([sys.executable, __file__, "--point", json.dumps(point)], check=True)
             row = json.loads((RESULTS / "scaling.json").read_text())[key(point)]
-            print(f"{key(point)}: {row['seconds']:.0f} s, peak {row['peak_rss_mb']:.0f} MiB", flush=True)
+            peak = row.get("peak_rss_mb", row.get("stage_peak_rss_mb"))
+            print(f"{key(point)}: {row['seconds']:.0f} s, peak {peak:.0f} MiB", flush=True)
     print(table())
 
 
