@@ -33,7 +33,7 @@ from ..evaluation import eval_windows, perplexity
 from ..models import inspect_model, load_model
 from ..registry import Registry
 from .layerwise import LayerwiseContext, run_layerwise
-from ..components import CheckpointInfo, RunInfo, StageContext, StageInfo, StageReport
+from ..components import STATISTICS, CheckpointInfo, RunInfo, StageContext, StageInfo, StageReport
 from .report import PeakMemory, Timer, run_markdown, stage_markdown, write_json
 
 log = logging.getLogger("onecomp")
@@ -247,10 +247,9 @@ def _run_in(cfg: PipelineConfig, registry, out: Path, state: dict, backend, devi
         loaded = load_model(cfg.model.id, cfg.model.dtype, cfg.model.trust_remote_code)
         model, tok = loaded.model.to(device), loaded.tokenizer
         inspection = inspect_model(model)
-    planner = registry.create(cfg.planner)
-    plan = planner.plan(inspection, cfg.quantizer, registry)
-    if not plan:
-        raise RunError("the plan selects no layer to quantize; check plan.planner's ignore list")
+    calib = calibration_windows(tok, cfg.calibration.corpus, cfg.calibration.samples, cfg.calibration.seq_len,
+                                cfg.calibration.seed)
+    plan = make_plan(registry.create(cfg.planner), inspection, cfg, registry, model, calib, backend, progress)
     run_info = RunInfo(config=cfg.raw, out_dir=out, model=cfg.model.id,
                        plan={k: v.to_dict() for k, v in plan.items()})
     registry.hook.on_run_start(run=run_info)
@@ -267,8 +266,6 @@ def _run_in(cfg: PipelineConfig, registry, out: Path, state: dict, backend, devi
         state["before_bits"] = {"dense_bits_per_weight": torch.finfo(next(model.parameters()).dtype).bits}
         write_json(out / "run.json", state)
 
-    calib = calibration_windows(tok, cfg.calibration.corpus, cfg.calibration.samples, cfg.calibration.seq_len,
-                                cfg.calibration.seed)
     stages = _stages(cfg, registry)
     finished = {s["name"]: s for s in state["stages"]}
     if leader:
@@ -336,6 +333,63 @@ def _join(device) -> bool:
     return distributed.is_main()
 
 
+def make_plan(planner, inspection, cfg: PipelineConfig, registry, model, windows: torch.Tensor, backend=None,
+              progress: bool = False) -> dict:
+    """The planner's plan; what it declares in ``needs`` is gathered first (statistics in one pass of
+    ``windows`` through the fp ``model``, the backend's capabilities) and handed to ``plan``."""
+    needs = set(planner.needs)
+    given = {"model": model} if "model" in needs else {}
+    statistics = needs & STATISTICS
+    if statistics:
+        _say(f"planner {planner.name}: capturing {', '.join(sorted(statistics))} …", progress)
+        given["stats"] = planner_stats(model, inspection, windows, cfg.calibration.batch_size, statistics)
+    if "capabilities" in needs:
+        given["capabilities"] = (backend or registry.create(cfg.backend)).capabilities()
+    plan = planner.plan(inspection, cfg.quantizer, registry, **given)
+    if not plan:
+        raise RunError("the plan selects no layer to quantize; check plan.planner's ignore list")
+    return plan
+
+
+@torch.no_grad()
+def planner_stats(model, inspection, windows: torch.Tensor, batch_size: int, needs) -> dict:
+    """``{linear name: LayerStats}`` of every decoder linear's input on the fp model, one collector per
+    fused input group (its layers share the LayerStats)."""
+    from ..calibration import StatsCollector
+
+    blocks = model.get_submodule(inspection.blocks_path)
+    collectors, handles = {}, []
+    for info in inspection.blocks:
+        for group in info.groups:
+            leader = blocks[info.index].get_submodule(group[0])
+            c = collectors[f"{info.prefix}.{group[0]}"] = StatsCollector(needs, leader.in_features)
+            handles.append(leader.register_forward_pre_hook(lambda m, args, _c=c: _c.add(args[0])))
+
+    class Done(Exception):
+        pass
+
+    def stop(m, args, out):  # after the last block: the head's logits are not needed
+        raise Done
+
+    handles.append(blocks[len(inspection.blocks) - 1].register_forward_hook(stop))
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(windows), batch_size):
+            try:
+                model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
+            except Done:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    stats = {}
+    for info in inspection.blocks:
+        for group in info.groups:
+            shared = collectors[f"{info.prefix}.{group[0]}"].finish()
+            stats.update({f"{info.prefix}.{rel}": shared for rel in group})
+    return stats
+
+
 @attrs.define
 class _Stage:
     info: StageInfo
@@ -392,9 +446,7 @@ def compress(model: torch.nn.Module, tokenizer=None, config=None, *, windows: to
     torch.manual_seed(cfg.seed)
     model.eval()
     inspection = inspect_model(model)
-    plan = registry.create(cfg.planner).plan(inspection, cfg.quantizer, registry)
-    if not plan:
-        raise RunError("the plan selects no layer to quantize; check plan.planner's ignore list")
+    plan = make_plan(registry.create(cfg.planner), inspection, cfg, registry, model, windows, None, progress)
     run_info = RunInfo(config=cfg.raw, out_dir=None, model=type(model).__name__,
                        plan={k: v.to_dict() for k, v in plan.items()})
     registry.hook.on_run_start(run=run_info)
