@@ -36,7 +36,29 @@ def binary(kind: str, bpw: float) -> dict:
     return q("mdbf", target_bpw=bpw, **({"envelope_rank": 1, "terms": 1} if kind == "dbf" else {}))
 
 
+# AutoBit's candidates: GPTQ with the min-max grid (the uniform -minmax rows' settings) at 2/3/4/8 bits
+# × g64/g128/per channel
+AUTOBIT_CANDIDATES = [q("gptq", bits=b, group_size=g, mse=False) for b in (2, 3, 4, 8) for g in (64, 128, -1)]
+
+
+def autobit(budget: dict, quantizer: dict | None = None) -> dict:
+    """An AutoBit plan (activation-aware cost); with ``quantizer`` and no budget, at exactly the stored
+    bits of that uniform setting."""
+    return {"planner": {"name": "autobit", "candidates": AUTOBIT_CANDIDATES, **budget},
+            **({"quantizer": quantizer} if quantizer else {})}
+
+
 SETTINGS = {
+    # AutoBit (needs onecomp-autobit) at the stored bits of gptq-w3g128-minmax / gptq-w4g128-minmax
+    # (the same GPTQ settings), and at 2.5 bits (nearest uniform: gptq-w2g64)
+    "autobit-w3g128": {"plan": autobit({}, q("gptq", bits=3, group_size=128, mse=False))},
+    "autobit-w4g128": {"plan": autobit({}, q("gptq", bits=4, group_size=128, mse=False))},
+    "autobit-2.5": {"plan": autobit({"target_bpw": 2.5})},
+    "autobit+qep-w3g128": {"plan": autobit({}, q("gptq", bits=3, group_size=128, mse=False)),
+                           "refiners": [{"name": "qep"}]},
+    "autobit+qep-w4g128": {"plan": autobit({}, q("gptq", bits=4, group_size=128, mse=False)),
+                           "refiners": [{"name": "qep"}]},
+    "autobit+qep-2.5": {"plan": autobit({"target_bpw": 2.5}), "refiners": [{"name": "qep"}]},
     # round to nearest (no calibration data)
     "rtn-w4g128": {"quantizer": q("rtn", bits=4, group_size=128)},
     "rtn-w3g128": {"quantizer": q("rtn", bits=3, group_size=128)},
@@ -146,7 +168,7 @@ def run_setting(key: str, output: str | None = None) -> dict:
     setting = SETTINGS[key]
     with tempfile.TemporaryDirectory(prefix="onecomp-bench-") as tmp:
         config = {"model": {"id": "smollm2-135m"}, **json.loads(json.dumps(PROTOCOL)),
-                  "plan": {"planner": "uniform", "quantizer": setting["quantizer"]},
+                  "plan": setting.get("plan") or {"planner": "uniform", "quantizer": setting["quantizer"]},
                   "refiners": setting.get("refiners", []), "output": {"dir": output or str(Path(tmp) / key)}}
         result = onecomp.run(config, progress=True)
         details = [_stage_summary(Path(config["output"]["dir"]), i, s["name"])
