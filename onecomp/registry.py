@@ -42,6 +42,9 @@ KNOWN_PROVIDERS = {
     ("format", "mdbf"): "onecomp-mdbf",
     ("regularizer", "signlock"): "onecomp-signlock",
     ("backend", "triton"): "onecomp-triton",
+    ("refiner", "lordba"): "onecomp-lordba",
+    ("format", "lordba"): "onecomp-lordba",
+    ("format", "lora"): "onecomp-lordba",
     ("planner", "autobit"): "onecomp-autobit",
     ("refiner", "lpcd"): "onecomp-lpcd",
 }

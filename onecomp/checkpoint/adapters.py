@@ -12,6 +12,7 @@ adapter directories under ``adapters/``; ``onecomp.load`` attaches those unless 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,13 +25,17 @@ from torch import nn
 
 from ..components import stored_bits
 from ..errors import CheckpointError, UnknownComponent
-from .io import MANIFEST as CHECKPOINT_MANIFEST
-from .io import sha256
 
 MANIFEST = "adapter.json"
 WEIGHTS = "adapter.safetensors"
 SUBDIR = "adapters"  # where a checkpoint directory keeps the adapters it was saved with
+CHECKPOINT_MANIFEST = "onecomp.json"  # the checkpoint's own manifest (checkpoint.io imports this module)
 _SLOT = "_onecomp_adapter"  # (adapter, hook handle) on the base layer; a plain attribute, not a submodule
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class Adapter(nn.Module):
