@@ -156,3 +156,22 @@ def test_allocation_table_and_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = allocation.png(bpw, tmp_path / "a.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stage_report_gets_the_allocation(tmp_path):
+    """After an autobit run's layer-wise stage: the table in the stage's markdown, the PNG beside it;
+    other planners' runs are left alone."""
+    from onecomp import RunInfo, StageInfo, StageReport
+    from onecomp_autobit import plugin
+
+    layers = [{"name": f"model.layers.{b}.{k}", "bits_per_weight": 2.0 + b} for b in range(2)
+              for k in ("self_attn.q_proj", "mlp.down_proj")]
+    for planner, touched in (("uniform", False), ({"name": "autobit"}, True)):
+        (tmp_path / "reports").mkdir(exist_ok=True)
+        md = tmp_path / "reports" / "01-layerwise.md"
+        md.write_text("# Stage 1\n")
+        report = StageReport("layerwise", 1, "layer", "", {}, {"bits_per_weight": 2.5}, 1.0, 1.0, {"layers": layers})
+        plugin.on_stage_end(run=RunInfo({"plan": {"planner": planner}}, tmp_path, "tiny"),
+                            stage=StageInfo("layerwise", "layer", 1), report=report)
+        assert ("| 1 | 3.00 | 3.00 |" in md.read_text()) == touched
+        assert (tmp_path / "reports" / "01-layerwise-allocation.png").exists() == touched
