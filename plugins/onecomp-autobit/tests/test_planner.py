@@ -175,3 +175,22 @@ def test_stage_report_gets_the_allocation(tmp_path):
                             stage=StageInfo("layerwise", "layer", 1), report=report)
         assert ("| 1 | 3.00 | 3.00 |" in md.read_text()) == touched
         assert (tmp_path / "reports" / "01-layerwise-allocation.png").exists() == touched
+
+
+@pytest.mark.parametrize("table", [{"name": "gptq", "bits": 3, "group_size": 16}, {"name": "gptq", "bits": 2, "group_size": -1},
+                                   {"name": "rtn", "bits": 4, "group_size": 24},
+                                   {"name": "mdbf", "target_bpw": 2.0, "iterations": 1}],
+                         ids=lambda t: "-".join(map(str, t.values())))
+def test_format_for_counts_the_stored_bits(table):
+    """What the budget is counted from is what quantize stores."""
+    from onecomp import LayerStats, LayerTask, stored_bits
+
+    reg = onecomp.Registry.default()
+    if table["name"] not in reg.names("quantizer"):
+        pytest.skip(f"{table['name']} is not installed")
+    q = reg.create(reg.resolve("quantizer", table))
+    g = torch.Generator().manual_seed(0)
+    W, d = torch.randn(40, 72, generator=g), torch.rand(72, generator=g) + 0.1
+    c = q.quantize(LayerTask("x", W, LayerStats(H=torch.diag(2 * d), diag=d, n_tokens=100)))
+    fmt = q.format_for(W.shape)
+    assert stored_bits(c.tensors) == fmt.expected_bits(tuple(W.shape)) and fmt.to_dict() == c.format.to_dict()
