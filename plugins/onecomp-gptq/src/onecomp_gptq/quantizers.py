@@ -13,7 +13,7 @@ import attrs
 import numpy as np
 import torch
 
-from onecomp import Compressed, LayerTask, Quantizer, in_range
+from onecomp import Compressed, FormatError, LayerTask, Quantizer, in_range
 
 from .format import GPTQFormat, GPTQParams, check_group_size
 from .grid import codes, find_params
@@ -46,7 +46,25 @@ def _check_finite(task: LayerTask) -> None:
         raise ValueError(f"{task.name}: the weight has non-finite values")
 
 
+def _check_range(task: LayerTask, q, scale, zero, bits: int, group_size: int, g_idx=None) -> None:
+    """Refuse, naming the layer, what float16 scales cannot hold: a step past fp16's range (weights too
+    large: Inf scales, or a grid search forced to clip) or a layer whose every weight rounds to zero
+    (weights below the smallest fp16 step)."""
+    row_step = (task.W.max(1).values.clamp(min=0) - task.W.min(1).values.clamp(max=0)) / (2**bits - 1)
+    if not bool(torch.isfinite(scale).all()) or float(row_step.max()) > torch.finfo(torch.float16).max:
+        raise FormatError(f"{task.name}: its weights (max |w| {float(task.W.abs().max()):.3g}) need quantization "
+                          "steps beyond float16's range (65504), which the gptq format stores; leave this layer "
+                          "out of the plan (the planner's ignore list) or rescale it")
+    cols = g_idx if g_idx is not None else torch.arange(q.shape[1]) // (q.shape[1] if group_size == -1 else group_size)
+    if bool((task.W != 0).any()) and bool((q == zero[:, cols.to(q.device)]).all()):
+        raise FormatError(f"{task.name}: every weight rounds to zero (max |w| {float(task.W.abs().max()):.3g} is "
+                          f"below the smallest float16 step the gptq format stores, "
+                          f"{torch.finfo(torch.float16).tiny:.3g}); leave this layer out of the plan (the "
+                          "planner's ignore list) or rescale it")
+
+
 def _pack(task, q, scale, zero, bits, group_size, g_idx=None) -> Compressed:
+    _check_range(task, q, scale, zero, bits, group_size, g_idx)
     params = GPTQParams(bits=bits, group_size=group_size, act_order=g_idx is not None)
     fields = {"q": q.long(), "zeros": zero.long(), "scales": scale}
     if g_idx is not None:
@@ -115,10 +133,18 @@ def _quantize_column(w, q, err, scale, zero, maxq: int, d: float, on_cpu: bool) 
     err /= np.float32(d)
 
 
-def hessian_factor(H: torch.Tensor, act_order: bool = True, damp: float = 0.01, shrink: float = 0.0):
+#: how often the damping of an H that is not positive definite is multiplied by 10 before giving up
+DAMP_RETRIES = 8
+
+
+def hessian_factor(H: torch.Tensor, act_order: bool = True, damp: float = 0.01, shrink: float = 0.0,
+                   info: dict | None = None):
     """What GPTQ needs from H alone: ``(dead, perm, Hinv)`` — the dead-column mask, the act-order
     permutation (None without act_order) and the upper Cholesky factor of the permuted, shrunk and
-    damped H⁻¹. Layers fed by one input (q/k/v, gate/up) share it."""
+    damped H⁻¹. Layers fed by one input (q/k/v, gate/up) share it.
+
+    An H that is not positive definite after damping is retried with the damping ×10 (from 1e-6 when
+    it was 0), up to DAMP_RETRIES times; ``info`` receives ``damp`` and ``damp_retries`` when that happened."""
     H = H.clone().double()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -129,9 +155,24 @@ def hessian_factor(H: torch.Tensor, act_order: bool = True, damp: float = 0.01, 
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         H = H[perm][:, perm]
-    if damp > 0:
-        H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    return dead, perm, inverse_cholesky_upper(H).float()
+    if not bool(torch.isfinite(H).all()):
+        raise FormatError("the Hessian holds NaN or Inf values (non-finite calibration activations)")
+    mean = torch.mean(torch.diag(H))
+    for retry in range(DAMP_RETRIES + 1):
+        damped = H.clone() if retry < DAMP_RETRIES else H
+        if damp > 0:
+            damped.diagonal().add_(damp * mean)
+        try:
+            U = inverse_cholesky_upper(damped)
+        except torch.linalg.LinAlgError:
+            if retry == DAMP_RETRIES:
+                raise FormatError(f"the Hessian is not positive definite even with damping {damp:g} "
+                                  f"(after {DAMP_RETRIES} retries)") from None
+            damp = damp * 10 if damp > 0 else 1e-6
+            continue
+        if retry and info is not None:
+            info.update(damp=damp, damp_retries=retry)
+        return dead, perm, U.float()
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
@@ -237,10 +278,15 @@ class GPTQ(Quantizer):
         c = self.config
         H = task.stats.H
         if self._factor is None or self._factor[0] is not H:  # q/k/v (and gate/up) share one LayerStats
-            self._factor = (H, hessian_factor(H, c.act_order, c.damp, c.shrink))
+            retried = {}
+            try:
+                self._factor = (H, hessian_factor(H, c.act_order, c.damp, c.shrink, retried), retried)
+            except FormatError as exc:
+                raise FormatError(f"{task.name}: {exc}") from None
         q, s, z, g_idx, losses = gptq_quantize(task.W, H, c.bits, c.group_size, c.sym, c.act_order,
                                                c.damp, c.block_size, c.mse, c.shrink, factor=self._factor[1],
                                                mse_step=c.mse_step)
         result = _pack(task, q, s, z, c.bits, c.group_size, g_idx)
         result.info["loss"] = float(losses.sum())
+        result.info.update(self._factor[2])  # the damping actually used, when H needed more (stage report)
         return result
