@@ -25,6 +25,7 @@ from torch import nn
 
 from ..components import stored_bits
 from ..errors import CheckpointError, UnknownComponent
+from .quantlinear import QuantLinear
 
 MANIFEST = "adapter.json"
 WEIGHTS = "adapter.safetensors"
@@ -38,23 +39,12 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-class Adapter(nn.Module):
-    """``Δy = x ΔWᵀ`` from a format's stored tensors, through the format's own ``linear()``."""
+class Adapter(QuantLinear):
+    """``Δy = x ΔWᵀ`` from a format's stored tensors, through the format's own ``linear()`` (a low-rank
+    format never forms ``ΔW``); no bias."""
 
     def __init__(self, fmt, shape, tensors: dict):
-        super().__init__()
-        self.format = fmt
-        self.out_features, self.in_features = int(shape[0]), int(shape[1])
-        for k, v in tensors.items():
-            self.register_buffer(k, v)
-        self.tensor_names = tuple(tensors)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
-    def stored(self) -> dict:
-        return {k: self._buffers[k] for k in self.tensor_names}
+        super().__init__(fmt, shape, tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.format.linear(x, self.stored(), self.shape)

@@ -5,17 +5,17 @@ from hypothesis import strategies as st
 
 from onecomp.testing import FormatSuite, PluginSuite
 
-INVALID = [{"rank": 0}, {"rank": "16"}, {"rank": True}, {"rank": -1}, {"rank": 1.5}]
-
-
-class TestLoRDBAFormat(FormatSuite):
-    component = "lordba"
+class RankParams(FormatSuite):
     max_out, max_in = 48, 120
-    invalid_params = INVALID
+    invalid_params = [{"rank": 0}, {"rank": "16"}, {"rank": True}, {"rank": -1}, {"rank": 1.5}]
 
     @classmethod
     def params(cls):
         return st.fixed_dictionaries({"rank": st.integers(1, 20)})
+
+
+class TestLoRDBAFormat(RankParams):
+    component = "lordba"
 
     def reference_dequantize(self, fmt, fields, shape):
         """ΔW_ij = Σ_k u_B,i S_B,ik v_B,k u_A,k S_A,kj v_A,j, written out term by term."""
@@ -28,14 +28,8 @@ class TestLoRDBAFormat(FormatSuite):
         return W
 
 
-class TestLoRAFormat(FormatSuite):
+class TestLoRAFormat(RankParams):
     component = "lora"
-    max_out, max_in = 48, 120
-    invalid_params = INVALID
-
-    @classmethod
-    def params(cls):
-        return st.fixed_dictionaries({"rank": st.integers(1, 20)})
 
     def reference_dequantize(self, fmt, fields, shape):
         return fields["B"].double() @ fields["A"].double()

@@ -169,3 +169,16 @@ def test_task_fine_tuning_lowers_the_texts_perplexity(tiny_dir, tmp_path, regist
     details = json.loads((tmp_path / "run" / "reports" / "02-lordba.json").read_text())["details"]
     assert details["objective"].startswith("mean next-token loss")
     assert after < 0.9 * before, (before, after)
+
+
+def test_residual_start_is_the_best_rank_r_correction_and_random_start_is_small():
+    from onecomp_lordba.refiner import start_factors
+
+    g = torch.Generator().manual_seed(3)
+    W, W_hat = torch.randn(40, 72, generator=g), torch.randn(40, 72, generator=g)
+    A, B = start_factors(W, W_hat, 6, "residual", g)
+    S = torch.linalg.svdvals((W - W_hat).double())
+    assert (W - W_hat - B @ A).double().square().sum().item() == pytest.approx(S[6:].square().sum().item(), rel=1e-4)
+    torch.testing.assert_close(A.norm(dim=1), B.norm(dim=0))  # √Σ on both sides
+    A, B = start_factors(None, W_hat, 6, "random", g)
+    assert (B @ A).norm().item() == pytest.approx(0.01 * W_hat.norm().item(), rel=1e-4)

@@ -20,7 +20,7 @@ import attrs
 import torch
 from tqdm.auto import tqdm
 
-from onecomp import ConfigError, Refiner, in_range, matches, one_of
+from onecomp import ConfigError, Refiner, in_range, matches, one_of, stored_bits
 from onecomp.checkpoint import QuantLinear
 from onecomp.checkpoint.adapters import Adapter, attach, attached, detach, save_adapters
 from onecomp.training import TrainableLinear, TrainConfig, Trainer, first_windows, freeze
@@ -130,7 +130,7 @@ def text_windows(cfg: LoRDBAConfig, model, seed: int) -> torch.Tensor:
 
 
 def adapter_bytes(adapters) -> int:
-    return sum(t.numel() * t.element_size() for a in adapters.values() for t in a.stored().values())
+    return sum(stored_bits(a.stored()) for a in adapters.values()) // 8
 
 
 class LoRDBA(Refiner):
