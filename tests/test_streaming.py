@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import onecomp
-from onecomp.models import inspect_model
+from onecomp.models import inspect_model, load_model
 from onecomp.models.lazy import WeightFiles, inspect_streamed, load_params_, load_streamed, release_
 
 
@@ -113,3 +113,26 @@ def test_stream_needs_safetensors_or_gguf(tmp_path):
 
     with pytest.raises(onecomp.OneCompError, match="model.stream reads a local HF directory"):
         local_dir(str(tmp_path / "nothing"))
+
+
+def test_streamed_teacher_gives_the_same_refined_checkpoints(tiny_model_dir, tmp_path):
+    """blockwise and global read the fp teacher's blocks from the files as they run (never a whole second
+    copy) and write the checkpoints the in-memory teacher gives."""
+    from onecomp.models.lazy import streamed_teacher
+
+    teacher = streamed_teacher(tiny_model_dir, "float32", "cpu")
+    assert all(p.is_meta for p in teacher.model.layers.parameters())
+    x = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    whole = load_model(str(tiny_model_dir)).model
+    with torch.no_grad():
+        assert torch.equal(teacher(input_ids=x).logits, whole(input_ids=x).logits)
+    assert all(p.is_meta for p in teacher.model.layers.parameters())  # each block released after it ran
+
+    refiners = [{"name": "blockwise", "epochs": 1, "lr": 1e-2, "batch_size": 1},
+                {"name": "global", "epochs": 1, "lr": 1e-2, "batch_size": 1}]
+    quantizer = {"name": "rtn", "bits": 2, "group_size": 32}
+    onecomp.run(config(tiny_model_dir, tmp_path / "s", True, quantizer, refiners), progress=False)
+    onecomp.run(config(tiny_model_dir, tmp_path / "m", False, quantizer, refiners), progress=False)
+    for stage in ("02-blockwise", "03-global"):
+        assert_identical(load_file(tmp_path / "s" / stage / "model.safetensors"),
+                         load_file(tmp_path / "m" / stage / "model.safetensors"))

@@ -189,3 +189,26 @@ def inspect_streamed(model: nn.Module, files: WeightFiles, device):
                   for i in range(len(blocks))]
     one.n_params = sum(p.numel() for p in model.parameters())
     return one
+
+
+def streamed_teacher(path: str | Path, dtype: str, device, trust_remote_code: bool = False) -> nn.Module:
+    """The fp model of ``path`` whose decoder blocks read their weights from the files each time they run
+    and release them afterwards: a teacher for block- and model-scope refiners that is never whole in memory."""
+    from .load import DTYPES
+    from .structure import find_blocks
+
+    model, files = load_streamed(path, DTYPES[dtype], device, trust_remote_code)
+    blocks_path, blocks = find_blocks(model)
+
+    def fetch(i):
+        def hook(module, args):
+            load_params_(model, f"{blocks_path}.{i}", files, device, DTYPES[dtype])
+        return hook
+
+    def drop(module, args, output):
+        release_(module)
+
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(fetch(i))
+        block.register_forward_hook(drop)
+    return model

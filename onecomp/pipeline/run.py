@@ -272,6 +272,10 @@ def _run_in(cfg: PipelineConfig, registry, out: Path, state: dict, backend, devi
         (out / "reports").mkdir(exist_ok=True)
 
     def teacher():
+        if files is not None:  # streamed: the teacher's blocks are read from the files as they run
+            from ..models.lazy import streamed_teacher
+
+            return streamed_teacher(files.path, cfg.model.dtype, device, cfg.model.trust_remote_code)
         return load_model(cfg.model.id, cfg.model.dtype, cfg.model.trust_remote_code).model
 
     for stage in stages:
