@@ -42,8 +42,8 @@ SERIES = {
     "depth": [{"hidden": 1024, "blocks": n, "samples": 32} for n in (2, 4, 8)],
     "embedded": [{"model": "smollm2-135m", "samples": n} for n in (32, 128, 512)],
     "dp": [],  # run_dp
-    "sweep": [{"sweep": True, "hidden": 2048, "blocks": n, "quantizer": q, "samples": 8}
-              for q in ("rtn", "gptq") for n in (8, 32, 16)],
+    "sweep": [{"sweep": True, "hidden": 2048, "blocks": n, "quantizer": q, "samples": 8}  # the ends first
+              for n, q in ((8, "rtn"), (32, "rtn"), (8, "gptq"), (32, "gptq"), (16, "rtn"), (16, "gptq"))],
 }
 
 
