@@ -14,7 +14,8 @@ def _cmd_run(args) -> int:
     result = run(args.config, resume=args.resume, force=args.force, output=args.output, progress=not args.quiet)
     from pathlib import Path
 
-    print((Path(result["output"]) / "report.md").read_text())
+    if result.get("rank", 0) == 0:  # under torchrun, the other processes write and print nothing
+        print((Path(result["output"]) / "report.md").read_text())
     return 0
 
 
