@@ -194,3 +194,25 @@ def test_format_for_counts_the_stored_bits(table):
     c = q.quantize(LayerTask("x", W, LayerStats(H=torch.diag(2 * d), diag=d, n_tokens=100)))
     fmt = q.format_for(W.shape)
     assert stored_bits(c.tensors) == fmt.expected_bits(tuple(W.shape)) and fmt.to_dict() == c.format.to_dict()
+
+
+def test_registry_checks_planner_needs():
+    """A planner may declare diag, hessian, model and capabilities, not what only exists mid-run."""
+    import types
+
+    from onecomp import NoConfig, Planner, hookimpl
+    from onecomp.registry import Registry
+
+    def planner_needing(needs):
+        return type("P", (Planner,), {"name": "p", "Config": NoConfig, "needs": frozenset(needs),
+                                      "plan": lambda self, *a, **k: {}})
+
+    def module(cls):
+        return types.SimpleNamespace(register_planners=hookimpl(lambda register: register(cls)))
+
+    reg = Registry(entry_points=False)
+    with reg.temporarily(module(planner_needing({"diag", "model", "capabilities"})), name="ok"):
+        assert "p" in reg.names("planner")
+    with pytest.raises(TypeError, match=r"needs has \['cross'\]"):
+        with reg.temporarily(module(planner_needing({"diag", "cross"})), name="bad"):
+            pass
