@@ -10,7 +10,11 @@ returned choice is checked against the budget in exact integer arithmetic.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class InfeasibleBudget(ValueError):
@@ -58,6 +62,8 @@ def solve(cost: np.ndarray, bits: np.ndarray, budget: int, time_limit: float | N
                    constraints=[one_each, LinearConstraint(row, -np.inf, rhs)], options=options)
         if res.x is None:
             raise RuntimeError(f"the MILP solver failed: {res.message}")
+        if res.status != 0:  # a limit was hit: the best choice found, not proven least
+            log.warning("autobit: the MILP solver stopped early (%s); the plan may not be optimal", res.message)
         choice = res.x.reshape(G, K).argmax(axis=1)
         used = total(bits, choice)
         if used <= budget:
