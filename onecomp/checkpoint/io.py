@@ -300,9 +300,10 @@ def _check_sizes(path: Path, config, manifest: dict, header: dict) -> None:
         if not isinstance(linear, nn.Linear) or [linear.out_features, linear.in_features] != entry["shape"]:
             raise _bad(path, f"modules[{name!r}].shape", f"{entry['shape']} is not the shape of a linear layer "
                                                           "of the model config.json describes")
-    tied = set(getattr(skeleton, "_tied_weights_keys", None) or [])
+    tied = set(getattr(skeleton, "_tied_weights_keys", None) or []) if getattr(config, "tie_word_embeddings",
+                                                                                False) else set()
     for key, t in skeleton.state_dict().items():
-        if key.startswith(placed) or key in tied or key.endswith("lm_head.weight") and key not in header:
+        if key.startswith(placed) or key in tied and key not in header:
             continue
         if key not in header or header[key] != tuple(t.shape):
             raise CheckpointError(f"{path}/config.json declares tensor {key} {tuple(t.shape)}, but {WEIGHTS} "
@@ -328,7 +329,7 @@ def _read_weights(path: Path) -> dict:
 def _load_foreign(path: Path, dtype) -> nn.Module | None:
     """A compressed-tensors ``pack-quantized`` directory another tool wrote (no manifest), dequantized
     for evaluation; None for anything else."""
-    from ..export.compressed_tensors import is_pack_quantized, load_pack_quantized
+    from ..export.pack_quantized import is_pack_quantized, load_pack_quantized
 
     if os.path.lexists(path / MANIFEST) or not is_pack_quantized(path):
         return None

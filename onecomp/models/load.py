@@ -125,7 +125,7 @@ def _check_complete(path, info: dict) -> None:
 
 def _is_pack_quantized(path: Path) -> bool:
     """A compressed-tensors pack-quantized directory (read by ``onecomp.checkpoint.load``)."""
-    from ..export.compressed_tensors import is_pack_quantized
+    from ..export.pack_quantized import is_pack_quantized
 
     return is_pack_quantized(path)
 
