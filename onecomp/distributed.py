@@ -84,8 +84,8 @@ def all_reduce_sum_(t: torch.Tensor | None) -> torch.Tensor | None:
     """Sum ``t`` (a float64 or integer tensor) over all processes, in place."""
     if t is None or not active():
         return t
-    device = t.device
-    buf = t if _backend_takes(device) else t.cpu()
+    where = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl sums GPU tensors, gloo CPU ones
+    buf = t if t.device.type == where else t.to(where)
     _collective("summing calibration statistics", lambda: dist.all_reduce(buf, op=dist.ReduceOp.SUM))
     if buf is not t:
         t.copy_(buf)
@@ -137,7 +137,3 @@ def from_main(fn):
     if error is not None:
         raise error
     return value
-
-
-def _backend_takes(device: torch.device) -> bool:
-    return (dist.get_backend() == "nccl") == (device.type == "cuda")
