@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -255,3 +256,55 @@ def test_export_on_the_command_line(sym, tmp_path, capsys):
     assert (tmp_path / "g" / "quantize_config.json").exists()
     assert main(["export", str(sym), "--to", "gptq", str(tmp_path / "g")]) == 2  # not empty, no --force
     assert "--force" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def test_gguf_export_reads_back_as_the_same_weights(asym, tmp_path, reg):
+    gguf = pytest.importorskip("gguf")
+    from onecomp.checkpoint import quantized_modules
+    from onecomp.export.gguf import permute
+
+    out = export(asym, "gguf", tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    model = onecomp.load(asym)
+    cfg = model.config
+    checked = 0
+    for name, q in quantized_modules(model).items():
+        layer, kind = int(name.split(".")[2]), name.rsplit(".", 1)[-1]
+        gname = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[kind]
+        t = tensors[f"blk.{layer}.{gname}.weight"]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+        W = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+        want = q.dequantize()
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(kind)
+        if heads:
+            want = permute(want, heads)
+        a = q.format.as_affine_int(q.stored(), q.shape)
+        m_max = (a.scales.float() * a.zeros.float()).abs().max().item()
+        # d = s exactly; m = −s·z rounded to fp16: at most half an fp16 ulp of |m|
+        torch.testing.assert_close(W, want, atol=m_max * 2**-11, rtol=0)
+        checked += 1
+    assert checked == 14
+    norm = torch.from_numpy(np.array(tensors["blk.0.attn_norm.weight"].data))
+    torch.testing.assert_close(norm, model.model.layers[0].input_layernorm.weight.detach(), atol=0, rtol=0)
+    assert reader.fields["general.architecture"].contents() == "llama"
+    assert reader.fields["llama.block_count"].contents() == 2
+
+
+def test_gguf_copies_the_tokenizer_of_the_source_gguf(tmp_path, reg):
+    gguf = pytest.importorskip("gguf")
+    from onecomp.models.load import embedded_path
+
+    ckpt = _checkpoint(tmp_path / "c", {"name": "rtn", "bits": 4, "group_size": 32}, reg)
+    manifest = json.loads((ckpt / "onecomp.json").read_text())
+    manifest["base_model"] = "smollm2-135m"
+    (ckpt / "onecomp.json").write_text(json.dumps(manifest))
+    out = export(ckpt, "gguf", tmp_path / "m.gguf")
+    ours, source = gguf.GGUFReader(str(out)).fields, gguf.GGUFReader(str(embedded_path("smollm2-135m"))).fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id"):
+        assert ours[key].contents() == source[key].contents(), key

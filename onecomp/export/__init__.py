@@ -33,8 +33,9 @@ def export(checkpoint, target: str, out, *, registry=None, force: bool = False, 
     checkpoint, out = Path(checkpoint), Path(out)
     model = load(checkpoint, registry)
     if target == "gguf":
-        raise ExportError("--to gguf is not implemented yet; export --to compressed-tensors (vLLM, transformers) "
-                          "or --to gptq")
+        from .gguf import write_gguf
+
+        return write_gguf(model, checkpoint, out, registry, force=force)
     if target == "compressed-tensors":
         from .compressed_tensors import tensors
     else:
