@@ -308,3 +308,15 @@ def test_gguf_copies_the_tokenizer_of_the_source_gguf(tmp_path, reg):
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
                 "tokenizer.ggml.bos_token_id"):
         assert ours[key].contents() == source[key].contents(), key
+
+
+def test_gguf_export_loads_in_transformers_gguf_reader(asym, tmp_path, ids):
+    """transformers reads GGUF independently (it un-permutes attn_q/attn_k): same logits up to the
+    fp16 embeddings and the fp16 rounding of m."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    out = export(asym, "gguf", tmp_path / "g" / "m.gguf")
+    model = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _reference(asym, ids), atol=2e-3, rtol=0)
