@@ -320,3 +320,70 @@ def test_gguf_export_loads_in_transformers_gguf_reader(asym, tmp_path, ids):
     model = AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, _reference(asym, ids), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_pack_quantized_directory_written_by_compressed_tensors_loads_and_evaluates(tmp_path, ids, symmetric,
+                                                                                       capsys):
+    """compressed-tensors' own compressor writes the tensors and its QuantizationConfig the block;
+    onecomp.load and `onecomp eval` read them, giving the weights compressed-tensors decompresses."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from safetensors.torch import save_file
+
+    from onecomp.cli import main
+    from onecomp.models import inspect_model
+
+    model = make_tiny_llama(seed=3)
+    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": 32}
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    expected = {}
+    for name in inspect_model(model).linear_names():
+        W = state.pop(name + ".weight")
+        Wg = W.view(W.shape[0], -1, 32)
+        if symmetric:
+            scale = (Wg.abs().amax(-1) / 7.5).clamp_min(1e-8)
+            zp = torch.zeros_like(scale, dtype=torch.int8)
+        else:
+            lo, hi = Wg.amin(-1).clamp_max(0), Wg.amax(-1).clamp_min(0)
+            scale = ((hi - lo) / 15).clamp_min(1e-8)
+            zp = (-8 - (lo / scale).round()).clamp(-8, 7).to(torch.int8)
+        packed = PackedQuantizationCompressor.compress({"weight": W, "weight_scale": scale, "weight_zero_point": zp},
+                                                       scheme)
+        assert ("weight_zero_point" in packed) != symmetric
+        expected[name] = PackedQuantizationCompressor.decompress(packed, scheme)["weight"].float()
+        state.update({f"{name}.{k}": v.contiguous() for k, v in packed.items()})
+    out = tmp_path / "ct"
+    out.mkdir()
+    model.config.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                                                    quantization_status="compressed", ignore=["lm_head"]).to_dict()
+    (out / "config.json").write_text(json.dumps(cfg))
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+
+    loaded = onecomp.load(out)
+    for name, W in expected.items():
+        torch.testing.assert_close(loaded.get_submodule(name).weight, W, atol=0, rtol=0)
+    # the command line takes it as a model: perplexity on a small text file
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=_byte_tokenizer())
+    tok.save_pretrained(out)
+    assert main(["eval", str(out), "--text", str(text), "--windows", "2", "--seq-len", "32", "--json",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"][str(text)] > 1
+
+
+def _byte_tokenizer():
+    """A 256-token byte-level tokenizer (the tiny model's vocabulary), built without any download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(i) if 33 <= i < 127 else f"<{i}>": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return tok
