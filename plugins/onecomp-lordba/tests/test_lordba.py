@@ -182,3 +182,21 @@ def test_residual_start_is_the_best_rank_r_correction_and_random_start_is_small(
     torch.testing.assert_close(A.norm(dim=1), B.norm(dim=0))  # √Σ on both sides
     A, B = start_factors(None, W_hat, 6, "random", g)
     assert (B @ A).norm().item() == pytest.approx(0.01 * W_hat.norm().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["binary", "fp16"])
+def test_compress_trains_adapters_on_a_model_object(tiny_llama, registry, kind):
+    """``onecomp.compress``: no output directory, the adapters stay attached, training lowers the KL
+    below the pivot's, and only the chosen layers get one."""
+    windows = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    refiner = {"name": "lordba", "kind": kind, "rank": 4, "epochs": 4, "lr": 2e-2, "lr_discrete": 2e-2,
+               "batch_size": 2, "layers": ["q_proj", "re:mlp\\.down"]}
+    reports = onecomp.compress(tiny_llama, config={"plan": {"quantizer": {"name": "test-rowsign"}},
+                                                   "refiners": [refiner]}, windows=windows, registry=registry)
+    d = reports[-1].details
+    assert d["loss_after"] < d["loss_before"] and d["loss_after"] < d["loss_pivot"]
+    assert sorted(attached(tiny_llama)) == [f"model.layers.{b}.{n}" for b in (0, 1)
+                                            for n in ("mlp.down_proj", "self_attn.q_proj")]
+    fmt = {"binary": "lordba", "fp16": "lora"}[kind]
+    assert {a.format.name for a in attached(tiny_llama).values()} == {fmt}
+    assert d["adapter_bytes"] * 8 == sum(a.format.expected_bits(a.shape) for a in attached(tiny_llama).values())
