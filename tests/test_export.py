@@ -231,6 +231,10 @@ def test_gptq_export_matches_an_independent_unpacking(tmp_path, reg, bits):
 
 def test_sharded_checkpoint_round_trips(tmp_path, reg, ids):
     path = _checkpoint(tmp_path / "sharded", {"name": "rtn", "bits": 4, "group_size": 32}, reg, shard_size="40KB")
+    by_config = tmp_path / "by-config"
+    save_checkpoint(onecomp.load(path), None, by_config, reg, base_model="tiny",
+                    config={"output": {"shard_size": "40KB"}}, stages=[])
+    assert (by_config / "model.safetensors.index.json").exists()  # output.shard_size of the run's config
     index = json.loads((path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and not (path / "model.safetensors").exists()

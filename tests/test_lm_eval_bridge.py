@@ -52,17 +52,27 @@ def _direct_accuracy(model, tokenizer) -> float:
     return right / len(DOCS)
 
 
-def test_eval_tasks_runs_lm_eval_on_the_loaded_model(tiny_model_dir, task_dir, capsys, monkeypatch):
+def test_eval_tasks_runs_lm_eval_on_a_checkpoint(tiny_model_dir, task_dir, tmp_path, capsys, monkeypatch):
+    import onecomp
+    from onecomp import Registry
+    from onecomp.checkpoint import save_checkpoint
     from onecomp.cli import main
     from onecomp.models import load_model
 
+    base = load_model(str(tiny_model_dir))
+    windows = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    reg = Registry.default()
+    onecomp.compress(base.model, config={"plan": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 32}}},
+                     windows=windows, registry=reg)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(base.model, base.tokenizer, ckpt, reg, base_model=str(tiny_model_dir), config={}, stages=[])
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(["eval", str(tiny_model_dir), "--tasks", "onecomp_tiny", "--include-path", str(task_dir),
+    assert main(["eval", str(ckpt), "--tasks", "onecomp_tiny", "--include-path", str(task_dir),
                  "--json", "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     acc = out["tasks"]["onecomp_tiny"]["acc,none"]
-    loaded = load_model(str(tiny_model_dir))
+    loaded = load_model(str(ckpt))
     assert acc == pytest.approx(_direct_accuracy(loaded.model, loaded.tokenizer))
     assert "ppl:kjv-gospels" not in out["tasks"]  # perplexity only with an explicit --text
 
