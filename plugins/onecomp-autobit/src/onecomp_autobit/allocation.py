@@ -51,15 +51,17 @@ def png(layer_bpw: dict, path: Path, title: str = "") -> Path | None:
 
     blocks, kinds, cells = grid(layer_bpw)
     data = np.array([[cells.get((b, k), np.nan) for k in kinds] for b in blocks])
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(kinds), 1.0 + 0.28 * len(blocks)))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(kinds), 2.0 + 0.28 * len(blocks)))
     im = ax.imshow(data, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(kinds)), [k.rsplit(".", 1)[-1] for k in kinds], rotation=30, ha="right")
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
     ax.set_ylabel("block")
+    mid = np.nanmean([np.nanmin(data), np.nanmax(data)])
     for i in range(len(blocks)):
         for j in range(len(kinds)):
             if np.isfinite(data[i, j]):
-                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white")
+                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if data[i, j] > mid else "white")
     fig.colorbar(im, ax=ax, label="stored bits per weight")
     ax.set_title(title or "AutoBit allocation", fontsize=9)
     fig.tight_layout()
