@@ -211,15 +211,43 @@ def _corpora(value, path: str) -> list[CorpusSpec]:
     return out
 
 
+def _check_text_file(file: Path, path: str) -> None:
+    """A text file for calibration or evaluation must be non-empty UTF-8 text without NUL bytes."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size = 0
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            size += len(chunk)
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise ConfigError(path, f"{str(file)!r} is not UTF-8 text ({exc.reason} near byte "
+                                        f"{size - len(chunk) + exc.start})") from None
+            if "\0" in text:
+                raise ConfigError(path, f"{str(file)!r} is a binary file (it holds NUL bytes), not text")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ConfigError(path, f"{str(file)!r} is not UTF-8 text (it ends inside a character)") from None
+    if not size:
+        raise ConfigError(path, f"{str(file)!r} is empty")
+
+
 def _check_text_source(source: str, path: str) -> None:
     """A named text, an ``hf:`` dataset spec, or an existing file: checked before any work."""
     from .calibration.corpus import NAMED
 
+    if source in NAMED or source.startswith("hf:"):
+        return
     try:
-        if source in NAMED or source.startswith("hf:") or Path(source).expanduser().is_file():
-            return
+        file = Path(source).expanduser()
+        is_file = file.is_file()
     except (ValueError, RuntimeError, OSError):  # a NUL byte, an unknown ~user, a name too long
-        pass
+        is_file = False
+    if is_file:
+        return _check_text_file(file, path)
     raise ConfigError(path, f"{source!r} is not one of {', '.join(NAMED)}, an existing file, "
                             "or an 'hf:name[:config]' dataset")
 

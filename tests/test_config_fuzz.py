@@ -119,3 +119,19 @@ def test_a_directory_or_missing_config_is_a_clean_error(tmp_path):
     (tmp_path / "dir.toml").mkdir()
     with pytest.raises(ConfigError, match="regular file"):
         read_file(tmp_path / "dir.toml")
+
+
+@pytest.mark.parametrize("content, message", [(b"caf\xe9 au lait", "is not UTF-8 text"), (b"\x00\x01\x02", "binary"),
+                                              (b"", "is empty"), (b"ok \xe2\x82", "ends inside a character")])
+@pytest.mark.parametrize("field", ["calibration.corpus[0].source", "evaluation.texts[0]"])
+def test_corpus_and_evaluation_files_must_be_text(registry, tmp_path, content, message, field):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(content)
+    tree = copy.deepcopy(VALID)
+    if field.startswith("calibration"):
+        tree["calibration"]["corpus"] = [{"source": str(path)}]
+    else:
+        tree["evaluation"]["texts"] = [str(path)]
+    with pytest.raises(ConfigError, match=f"{message}") as err:
+        load_config(tree, registry)
+    assert str(err.value).startswith(field + ":")
