@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,20 +72,30 @@ def _reference(path, ids):
     return logits
 
 
-def _plain_transformers(path, ids_path, out_path):
-    """Run transformers' from_pretrained on ``path`` in a subprocess where onecomp cannot be imported;
-    returns (exit code, stderr); logits go to ``out_path``."""
+def _plain_transformers(paths, ids, tmp):
+    """transformers' from_pretrained on each path, in one subprocess where onecomp cannot be imported:
+    path -> logits, or the last line of the error it raised."""
+    torch.save(ids, tmp / "ids.pt")
     code = textwrap.dedent(f"""
-        import sys
+        import json, sys, traceback
         sys.modules["onecomp"] = None  # any import of onecomp raises ImportError
         import torch
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(path)!r})
-        with torch.no_grad():
-            torch.save(model(torch.load({str(ids_path)!r})).logits, {str(out_path)!r})
+        results = {{}}
+        for i, path in enumerate({[str(p) for p in paths]!r}):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path)
+                with torch.no_grad():
+                    torch.save(model(torch.load({str(tmp / "ids.pt")!r})).logits, {str(tmp)!r} + f"/logits{{i}}.pt")
+                results[path] = None
+            except Exception:
+                results[path] = traceback.format_exc().strip().splitlines()[-1]
+        print(json.dumps(results))
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    return p.returncode, p.stderr
+    assert p.returncode == 0, p.stderr
+    results = json.loads(p.stdout.strip().splitlines()[-1])
+    return {Path(k): v if v is not None else torch.load(tmp / f"logits{i}.pt") for i, (k, v) in enumerate(results.items())}
 
 
 # ---------------------------------------------------------------- no silent load
@@ -95,32 +106,27 @@ def test_every_checkpoint_carries_a_quantization_config(asym):
     assert qc["onecomp"]["formats"] == ["gptq"] and qc["onecomp"]["loader"] == "onecomp.load"
 
 
-def test_plain_transformers_fails_loudly_on_packed_formats(asym, tmp_path, ids, reg):
-    mdbf = _checkpoint(tmp_path / "mdbf", {"name": "mdbf", "iterations": 1, "target_bpw": 4.0}, reg)
-    torch.save(ids, tmp_path / "ids.pt")
-    for path in (asym, mdbf):
-        code, err = _plain_transformers(path, tmp_path / "ids.pt", tmp_path / "out.pt")
-        assert code != 0, f"transformers loaded {path} without an error"
-        last = err.strip().splitlines()[-1]
-        assert "OneComp checkpoint" in last and "onecomp.load(path)" in last, last
-        assert ("onecomp export" in last) == (path == asym)  # mdbf has no runtime to export to
-
-
-def test_plain_transformers_loads_a_dense_checkpoint_correctly(tmp_path, ids, reg):
+def test_plain_transformers_fails_loudly_on_packed_formats_and_reads_dense(asym, tmp_path, ids, reg):
     from onecomp.builtin.dense import Dense
     from onecomp.checkpoint import QuantLinear
     from onecomp.models import inspect_model
 
+    mdbf = _checkpoint(tmp_path / "mdbf", {"name": "mdbf", "iterations": 1, "target_bpw": 4.0}, reg)
     model = make_tiny_llama(seed=0)
     fmt = Dense.from_dict({"dtype": "float32"})
     for name in inspect_model(model).linear_names():
         W = model.get_submodule(name).weight.detach()
         onecomp.replace_module(model, name, QuantLinear(fmt, tuple(W.shape), fmt.pack({"weight": W}, W.shape)))
-    save_checkpoint(model, None, tmp_path / "dense", reg, base_model="tiny", config={}, stages=[])
-    torch.save(ids, tmp_path / "ids.pt")
-    code, err = _plain_transformers(tmp_path / "dense", tmp_path / "ids.pt", tmp_path / "out.pt")
-    assert code == 0, err
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), _reference(tmp_path / "dense", ids), atol=ATOL, rtol=0)
+    dense = tmp_path / "dense"
+    save_checkpoint(model, None, dense, reg, base_model="tiny", config={}, stages=[])
+
+    got = _plain_transformers([asym, mdbf, dense], ids, tmp_path)
+    for path in (asym, mdbf):
+        last = got[path]
+        assert isinstance(last, str), f"transformers loaded {path} without an error"
+        assert "OneComp checkpoint" in last and "onecomp.load(path)" in last, last
+        assert ("onecomp export" in last) == (path == asym)  # mdbf has no runtime to export to
+    torch.testing.assert_close(got[dense], _reference(dense, ids), atol=ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------- compressed-tensors
@@ -145,10 +151,9 @@ def test_compressed_tensors_export_loads_in_plain_transformers(sym, tmp_path, id
     assert qc["format"] == "pack-quantized" and qc["quantization_status"] == "compressed"
     (weights,) = qc["config_groups"].values()
     assert weights["weights"]["symmetric"] and weights["weights"]["group_size"] == 32
-    torch.save(ids, tmp_path / "ids.pt")
-    code, err = _plain_transformers(out, tmp_path / "ids.pt", tmp_path / "out.pt")
-    assert code == 0, err
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), _reference(sym, ids), atol=ATOL, rtol=0)
+    logits = _plain_transformers([out], ids, tmp_path)[out]
+    assert not isinstance(logits, str), logits
+    torch.testing.assert_close(logits, _reference(sym, ids), atol=ATOL, rtol=0)
 
 
 def test_asymmetric_export_decompresses_exactly_with_compressed_tensors(asym, tmp_path, ids):
@@ -173,9 +178,8 @@ def test_asymmetric_export_decompresses_exactly_with_compressed_tensors(asym, tm
     with torch.no_grad():
         torch.testing.assert_close(onecomp.load(out)(ids).logits, reference, atol=ATOL, rtol=0)
     # transformers 5.x refuses asymmetric pack-quantized files: loudly, never silently
-    torch.save(ids, tmp_path / "ids.pt")
-    code, err = _plain_transformers(out, tmp_path / "ids.pt", tmp_path / "out.pt")
-    assert code != 0 or torch.allclose(torch.load(tmp_path / "out.pt"), reference, atol=ATOL)
+    got = _plain_transformers([out], ids, tmp_path)[out]
+    assert isinstance(got, str) or torch.allclose(got, reference, atol=ATOL)
 
 
 def test_act_order_and_unreadable_formats_are_refused(tmp_path, reg):
