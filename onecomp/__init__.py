@@ -3,7 +3,7 @@
 Public API for users and plugin authors::
 
     import onecomp
-    model = onecomp.load("runs/default/01-layerwise")       # a checkpoint
+    model = onecomp.load("runs/default/01-layerwise")       # a checkpoint, run by the backends' kernels
     onecomp.run("examples/gptq-4bit.toml")                  # a whole pipeline
     onecomp.compress(model, tokenizer, {"plan": ...})      # the same stages on a model object, in place
     from onecomp import hookimpl, Quantizer, Format, LayerTask, Compressed, StageContext
@@ -43,11 +43,23 @@ def __dir__():
     return sorted([*globals(), *_WHERE])
 
 
-def load(path, registry=None, **kw):
-    """A transformers model rebuilt from a onecomp checkpoint directory."""
+def load(path, registry=None, *, backend="auto", dtype=None, cache_dequantized=False, **kw):
+    """A transformers model rebuilt from a onecomp checkpoint directory, ready to run compressed.
+
+    ``backend``: ``"auto"`` (every installed backend, the core ``torch`` last), a backend name, a
+    list, or None; each quantized module runs the first kernel a backend offers, else the format's
+    reference path (dequantize, then matmul), which keeps the dequantized weight between calls only
+    with ``cache_dequantized=True``. ``dtype`` is the dtype of the unquantized parts. ``generate``
+    uses the KV cache."""
+    from transformers.initialization import no_init_weights
+
     from .checkpoint import load as _load
 
-    return _load(path, registry, **kw)
+    with no_init_weights():  # every weight comes from the checkpoint: random init would only touch pages
+        model = _load(path, registry, backend=backend, dtype=dtype, cache_dequantized=cache_dequantized, **kw)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True  # forward calls stay cache-free (config.use_cache)
+    return model
 
 
 def compress(model, tokenizer=None, config=None, **kw):

@@ -7,6 +7,7 @@ import psutil
 import torch
 
 from ..components import Backend, BackendCapabilities
+from .cpu_kernels import cpu_kernel, int4_available
 from ..validation import in_range, one_of
 from ..hookspecs import hookimpl
 
@@ -39,7 +40,9 @@ def set_mmap_threshold(mb: int) -> bool:
 
 
 class TorchBackend(Backend):
-    """Runs every format through its ``dequantize``/``linear`` reference in PyTorch."""
+    """Plain PyTorch: ``gptq`` up to 4 bits through torch's packed int4 CPU kernel, other ``gptq``
+    bit widths and ``mdbf`` from their packed tensors per call (see ``cpu_kernels``); other formats
+    are declined to their reference path."""
 
     name = "torch"
     Config = TorchConfig
@@ -57,12 +60,19 @@ class TorchBackend(Backend):
         return torch.device("cpu")
 
     def capabilities(self) -> BackendCapabilities:
+        per_call = "gptq 5-8 bits dequantized per call in tiles of rows, mdbf as sign matmuls per call"
         if self.device().type == "cuda":
             free, total = torch.cuda.mem_get_info()
-            return BackendCapabilities(self.name, "cuda", free, total, {})
+            return BackendCapabilities(self.name, "cuda", free, total, {}, None,
+                                       f"no native kernels on CUDA (the onecomp-triton backend has them); {per_call}")
         vm = psutil.virtual_memory()
-        return BackendCapabilities(self.name, "cpu", vm.available, vm.total, {}, torch.get_num_threads(),
-                                   "every format through its reference path (dequantize, then matmul)")
+        native = {"gptq": (1, 2, 3, 4)} if int4_available() else {}
+        notes = ("gptq 1-4 bits through torch's packed int4 CPU kernel (bf16 activations at its edge); "
+                 if native else "this torch has no packed int4 CPU kernel; ") + per_call
+        return BackendCapabilities(self.name, "cpu", vm.available, vm.total, native, torch.get_num_threads(), notes)
+
+    def kernel(self, fmt, stored, shape, bias=None):
+        return cpu_kernel(fmt, stored, shape, bias)
 
 
 @hookimpl
