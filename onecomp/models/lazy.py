@@ -21,7 +21,10 @@ INDEX = "model.safetensors.index.json"
 
 
 class WeightFiles:
-    """The tensors of an HF model directory by name, read lazily (memory-mapped, one tensor at a time)."""
+    """The tensors of an HF model directory by name, read lazily (memory-mapped, one tensor at a time).
+
+    No file stays open: a tensor read from a memory-mapped file keeps the pages it touched (and any it
+    wrote) resident as long as the mapping lives, so each read maps the file only for that read."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -31,26 +34,32 @@ class WeightFiles:
             weight_map = None
         else:
             raise ModelLoadError(f"{self.path} has neither {SINGLE} nor {INDEX}: streaming reads safetensors only")
-        self._handles: dict = {}
         if weight_map is None:
-            self.file_of = {name: SINGLE for name in self._open(SINGLE).keys()}
+            from safetensors import safe_open
+
+            with safe_open(str(self.path / SINGLE), framework="pt") as f:
+                self.file_of = {name: SINGLE for name in f.keys()}
         else:
             self.file_of = dict(weight_map)
-
-    def _open(self, file: str):
-        from safetensors import safe_open
-
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(self.path / file), framework="pt")
-        return self._handles[file]
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.file_of:
-            raise ModelLoadError(f"{self.path}: tensor {name} is in no safetensors file")
-        return self._open(self.file_of[name]).get_tensor(name)
+        return self.read([name])[name]
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, each file opened once."""
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.file_of]
+        if missing:
+            raise ModelLoadError(f"{self.path}: tensor {missing[0]} is in no safetensors file")
+        out = {}
+        for file in dict.fromkeys(self.file_of[n] for n in names):
+            with safe_open(str(self.path / file), framework="pt") as f:
+                out.update({n: f.get_tensor(n) for n in names if self.file_of[n] == file})
+        return out
 
 
 def meta_model(path: str | Path, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
@@ -85,12 +94,15 @@ def load_params_(model: nn.Module, prefix: str, files: WeightFiles, device, dtyp
     A parameter that is not in the files keeps what it has when it is real (tied weights) and is an
     error when it is still on the meta device."""
     module = model.get_submodule(prefix) if prefix else model
-    for name, p in list(module.named_parameters(remove_duplicate=False)):
+    params = list(module.named_parameters(remove_duplicate=False))
+    tensors = files.read([f"{prefix}.{n}" if prefix else n for n, _ in params
+                          if (f"{prefix}.{n}" if prefix else n) in files])
+    for name, p in params:
         full = f"{prefix}.{name}" if prefix else name
         owner, _, leaf = name.rpartition(".")
         holder = module.get_submodule(owner) if owner else module
-        if full in files:
-            t = files.get(full).to(device=device, dtype=dtype if p.dtype.is_floating_point else p.dtype)
+        if full in tensors:
+            t = tensors.pop(full).to(device=device, dtype=dtype if p.dtype.is_floating_point else p.dtype)
             holder._parameters[leaf] = nn.Parameter(t, requires_grad=False)
         elif p.is_meta:
             raise ModelLoadError(f"{files.path}: parameter {full} is in no safetensors file")
