@@ -241,6 +241,8 @@ def test_config_is_validated():
         reg.resolve("refiner", {"name": "lpcd", "alpha": 2.0}, "refiners[0]")
     with pytest.raises(ConfigError, match=r"refiners\[0\].relax"):
         reg.resolve("refiner", {"name": "lpcd", "relax": "newton"}, "refiners[0]")
+    with pytest.raises(ConfigError, match=r"refiners\.lpcd\.quantizer\.bits: must be in \[1, 8\]"):
+        run_lpcd(make_tiny_llama(seed=0), quantizer={"name": "gptq", "bits": 12})  # checked before any block
     assert LPCDConfig().submodules == ["residual"] and LPCDConfig().alpha == 0.5
     lpcd = LPCD(LPCDConfig(submodules=["residual", "qk", "updown"]))
     assert [p[0] for p in lpcd.problems()] == ["qk:attn", "residual:mid", "residual:out", "updown:out"]
