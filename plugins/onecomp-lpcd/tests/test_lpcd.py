@@ -135,6 +135,13 @@ def test_each_submodule_lowers_its_own_objective(submodule, tmp_path):
         assert {s["relax"] for s in steps if s["layer"] in ("self_attn.q_proj", "mlp.up_proj")} == {"gd"}
 
 
+def test_gradient_relaxation_everywhere(tmp_path):
+    details = run_lpcd(pivot(GPTQ3), relax="gd", quantizer=GPTQ3, gd_steps=8, lr=1e-3, work_dir=tmp_path)
+    steps = [s for b in details["blocks"] for s in b["steps"]]
+    assert {s["relax"] for s in steps} == {"gd"} and all(s["after"] <= s["before"] for s in steps)
+    assert details["loss_after"] < details["loss_before"]
+
+
 def test_steps_alternate_over_the_layers(tmp_path):
     details = run_lpcd(pivot(GPTQ3), submodules=["updown"], steps=2, quantizer=GPTQ3, gd_steps=3, work_dir=tmp_path)
     order = [(s["pass"], s["layer"]) for s in details["blocks"][0]["steps"]]
