@@ -28,21 +28,30 @@ OUT = Path(__file__).parent / "results"
 TEXT, WINDOWS, SEQ_LEN = "kjv-gospels", 16, 512
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2-135m", help="a model with the embedded model's tokenizer")
+    p.add_argument("--windows", type=int, default=WINDOWS)
+    p.add_argument("--out", default=str(OUT), help="directory for interop.json and interop.md")
+    args = p.parse_args(argv)
+    out_dir = Path(args.out)
     torch.set_num_threads(2)
     reg = Registry.default()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for sym in (True, False):
-            loaded = load_model("smollm2-135m")
-            windows = eval_windows(loaded.tokenizer, TEXT, WINDOWS, SEQ_LEN)
+            loaded = load_model(args.model)
+            windows = eval_windows(loaded.tokenizer, TEXT, args.windows, SEQ_LEN)
             calib = windows[:2]
             onecomp.compress(loaded.model, config={"plan": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 128,
                                                                           "sym": sym}}}, windows=calib, registry=reg)
             ckpt = tmp / f"ckpt-{sym}"
             save_checkpoint(loaded.model, loaded.tokenizer, ckpt, reg, base_model="smollm2-135m", config={}, stages=[])
-            row = {"setting": f"rtn w4 g128 {'sym' if sym else 'asym'}", "text": TEXT, "windows": WINDOWS,
+            row = {"setting": f"rtn w4 g128 {'sym' if sym else 'asym'}", "model": args.model, "text": TEXT,
+                   "windows": args.windows,
                    "seq_len": SEQ_LEN}
             t = time.perf_counter()
             row["onecomp.load"] = perplexity(onecomp.load(ckpt, backend=None), windows)
@@ -62,9 +71,9 @@ def main() -> int:
             row["seconds"] = round(time.perf_counter() - t, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (OUT / "interop.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
-    keys = [k for k in rows[0] if k not in ("setting", "text", "windows", "seq_len", "seconds", "gguf_mib")]
-    lines = [f"# Interop: the same checkpoint through other loaders ({TEXT}, {WINDOWS}×{SEQ_LEN} tokens)", "",
+    (out_dir / "interop.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
+    keys = [k for k in rows[0] if k not in ("setting", "model", "text", "windows", "seq_len", "seconds", "gguf_mib")]
+    lines = [f"# Interop: {args.model} through other loaders ({TEXT}, {args.windows}×{SEQ_LEN} tokens)", "",
              "Made by `benchmarks/interop.py`. Perplexity; the relative gap to onecomp.load in brackets.", "",
              "| setting | " + " | ".join(keys) + " | GGUF MiB |", "|---" * (len(keys) + 2) + "|"]
     for r in rows:
@@ -72,7 +81,7 @@ def main() -> int:
         cells = [f"{r[k]:.4f} ({100 * (r[k] / base - 1):+.2f}%)" if isinstance(r[k], float) else str(r[k])
                  for k in keys]
         lines.append(f"| {r['setting']} | " + " | ".join(cells) + f" | {r['gguf_mib']} |")
-    (OUT / "interop.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "interop.md").write_text("\n".join(lines) + "\n")
     return 0
 
 
