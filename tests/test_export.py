@@ -395,3 +395,31 @@ def _byte_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     return tok
+
+
+# ---------------------------------------------------------------- the exporters' view of a format
+
+
+def test_as_affine_int_stands_for_the_same_weight():
+    """For every registered format exposing as_affine_int: its AffineInt dequantizes to exactly what
+    the format dequantizes, over random params and shapes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from onecomp.export.common import affine_formats
+
+    reg = Registry.default()
+    names = affine_formats(reg)
+    assert "gptq" in names
+
+    @settings(deadline=None)
+    @given(st.sampled_from(names), st.integers(1, 8), st.sampled_from([-1, 8, 16, 32]), st.booleans(),
+           st.integers(1, 24), st.integers(1, 80), st.integers(0, 2**16))
+    def check(name, bits, group_size, act_order, out, inp, seed):
+        fmt = reg.get("format", name).from_dict({"bits": bits, "group_size": group_size, "act_order": act_order})
+        stored = fmt.pack(fmt.example((out, inp), torch.Generator().manual_seed(seed)), (out, inp))
+        a = fmt.as_affine_int(stored, (out, inp))
+        assert a.shape == (out, inp) and a.bits == bits
+        torch.testing.assert_close(a.dequantize(), fmt.dequantize(stored, (out, inp)), atol=0, rtol=0)
+
+    check()
