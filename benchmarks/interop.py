@@ -1,5 +1,5 @@
 """Exports of a real checkpoint read back by other loaders: perplexity of the embedded SmolLM2-135M
-after RTN 4-bit g128 (sym and asym), through onecomp.load, through transformers' GGUF reader on
+after RTN 4-bit g64 (sym and asym; g128 does not divide its 576 columns, which compressed-tensors needs), through onecomp.load, through transformers' GGUF reader on
 ``onecomp export --to gguf``, and through plain transformers on ``--to compressed-tensors``.
 
     OMP_NUM_THREADS=2 flock /tmp/onecomp-heavy.lock python benchmarks/interop.py
@@ -46,11 +46,11 @@ def main(argv=None) -> int:
             loaded = load_model(args.model)
             windows = eval_windows(loaded.tokenizer, TEXT, args.windows, SEQ_LEN)
             calib = windows[:2]
-            onecomp.compress(loaded.model, config={"plan": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 128,
+            onecomp.compress(loaded.model, config={"plan": {"quantizer": {"name": "rtn", "bits": 4, "group_size": 64,
                                                                           "sym": sym}}}, windows=calib, registry=reg)
             ckpt = tmp / f"ckpt-{sym}"
             save_checkpoint(loaded.model, loaded.tokenizer, ckpt, reg, base_model="smollm2-135m", config={}, stages=[])
-            row = {"setting": f"rtn w4 g128 {'sym' if sym else 'asym'}", "model": args.model, "text": TEXT,
+            row = {"setting": f"rtn w4 g64 {'sym' if sym else 'asym'}", "model": args.model, "text": TEXT,
                    "windows": args.windows,
                    "seq_len": SEQ_LEN}
             t = time.perf_counter()
