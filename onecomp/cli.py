@@ -250,6 +250,11 @@ def main(argv=None) -> int:
             print(f"error: --{flag.replace('_', '-')}: must be a positive integer, got {value}", file=sys.stderr)
             return 2
     try:
+        if args.command == "eval":  # a missing, binary or non-UTF-8 text fails before the model loads
+            from .config import _check_text_source
+
+            for i, text in enumerate(args.text or []):
+                _check_text_source(text, f"--text[{i}]" if len(args.text) > 1 else "--text")
         return args.func(args)
     except OneCompError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -320,3 +320,11 @@ def test_an_indefinite_hessian_is_retried_with_more_damping_and_reported():
     nan[1, 2] = float("nan")
     with pytest.raises(onecomp.FormatError, match="nan: the Hessian holds NaN"):
         gptq(gptq.Config()).quantize(LayerTask("nan", W, LayerStats(64, nan)))
+
+
+@pytest.mark.parametrize("content, message", [(b"caf\xe9 au lait", "is not UTF-8 text"), (b"\x00\x00", "is a binary file")])
+def test_eval_text_files_that_are_not_text(tiny_model_dir, tmp_path, capsys, content, message):
+    (tmp_path / "t.txt").write_bytes(content)
+    assert cli(["eval", str(tiny_model_dir), "--text", str(tmp_path / "t.txt"), "--windows", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --text: '{tmp_path / 't.txt'}' {message}") and err.count("\n") == 1
