@@ -25,6 +25,9 @@ def _cmd_plugins(args) -> int:
     reg = Registry.default()
     rows = [{"kind": e.kind, "name": e.name, "distribution": e.dist, "version": e.version, "plugin": e.plugin,
              "config": _config_fields(e.cls.Config)} for e in reg.entries()]
+    for r in rows:
+        if r["kind"] == "backend":
+            r["capabilities"] = _backend_capabilities(reg, r["name"])
     errors = [{"plugin": e.plugin, "distribution": e.dist, "error": e.error} for e in reg.load_errors()]
     if args.json:
         print(json.dumps({"components": rows, "errors": errors}, indent=2))
@@ -32,8 +35,95 @@ def _cmd_plugins(args) -> int:
     width = max(len(r["name"]) for r in rows) if rows else 4
     for r in rows:
         print(f"{r['kind']:<12} {r['name']:<{width}}  {r['distribution']} {r['version']}")
+        if "capabilities" in r:
+            print(f"{'':<12} {'':<{width}}  {_capabilities_line(r['capabilities'])}")
     for e in errors:
         print(f"FAILED       {e['plugin']:<{width}}  {e['distribution']}: {e['error']}")
+    return 0
+
+
+def _backend_capabilities(registry, name: str) -> dict:
+    """A backend's ``capabilities()`` with its default config, as a dict (or the error it raised)."""
+    try:
+        return registry.create(registry.resolve("backend", name, "backend")).capabilities().to_dict()
+    except Exception as exc:  # a backend that cannot start here is listed, not fatal
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _capabilities_line(caps: dict) -> str:
+    if "error" in caps:
+        return f"capabilities: unavailable ({caps['error']})"
+    native = "; ".join(f"{f} {','.join(map(str, b))} bits" for f, b in caps.get("formats", {}).items()) or "none"
+    free = f", {caps['free_memory'] / 2**30:.1f} GiB free" if caps.get("free_memory") else ""
+    threads = f", {caps['threads']} threads" if caps.get("threads") else ""
+    return f"device {caps['device']}{free}{threads}; native kernels: {native}"
+
+
+def _inspect_backend(args, summary: dict) -> None:
+    """``inspect --backend B``: B's capabilities and, for a checkpoint, the kernel each module gets."""
+    from pathlib import Path
+
+    from .registry import Registry
+
+    reg = Registry.default()
+    report = {"name": args.backend, "capabilities": _backend_capabilities(reg, args.backend)}
+    if (Path(args.model) / "onecomp.json").exists():
+        from . import load
+        from .kernels import kernel_summary
+
+        report["kernels"] = kernel_summary(load(args.model, reg, backend=args.backend))
+    summary["backend"] = report
+    if not args.json:
+        print(f"backend {args.backend}: {_capabilities_line(report['capabilities'])}")
+        if report["capabilities"].get("notes"):
+            print(f"  {report['capabilities']['notes']}")
+        for kernel, n in report.get("kernels", {}).items():
+            print(f"  {n} modules run {kernel}")
+
+
+def _cmd_generate(args) -> int:
+    """Load a checkpoint with the backends' kernels and continue a prompt; report speed and kernels."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from . import load
+    from .kernels import kernel_summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backend = None if args.backend == "reference" else args.backend
+    model = load(args.checkpoint, backend=backend)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p} if args.sample \
+        else {"do_sample": False}
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    from .checkpoint import quantized_modules
+
+    modules = {n: m.kernel_name for n, m in quantized_modules(model).items()}
+    result = {"prompt": args.prompt, "text": text, "new_tokens": int(new.numel()), "seconds": seconds,
+              "tokens_per_s": new.numel() / seconds, "threads": torch.get_num_threads(),
+              "kernels": kernel_summary(model), "modules": modules}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(args.prompt + text)
+    print(f"\n{result['new_tokens']} new tokens in {seconds:.2f} s: {result['tokens_per_s']:.2f} tokens/s "
+          f"({'sampled' if args.sample else 'greedy'}, {result['threads']} threads, prompt included)")
+    for kernel, n in result["kernels"].items():
+        print(f"{n} modules ran {kernel}")
+    if args.verbose:
+        for name, kernel in modules.items():
+            print(f"  {name}: {kernel}")
     return 0
 
 
@@ -57,6 +147,8 @@ def _cmd_inspect(args) -> int:
     formats = _quantized_formats(loaded.model)
     if formats:
         summary["quantized"] = formats
+    if args.backend:
+        _inspect_backend(args, summary)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -207,9 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="float32")
     i.add_argument("--trust-remote-code", action="store_true", help="let a plain HF model run its own code")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--backend", help="also show this backend's capabilities and, for a checkpoint, the kernel "
+                                     "each module would run")
     i.add_argument("--plan", metavar="CONFIG",
                    help="print the plan of CONFIG's planner for the model (bytes, budget) without quantizing")
     i.set_defaults(func=_cmd_inspect)
+
+    g = sub.add_parser("generate", help="continue a prompt with a checkpoint run by the backends' kernels")
+    g.add_argument("checkpoint", help="a onecomp checkpoint directory")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--backend", default="auto", help="auto, a backend name, or reference (dequantize, then matmul)")
+    g.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    g.add_argument("--verbose", action="store_true", help="list the kernel of every module")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=_cmd_generate)
 
     e = sub.add_parser("eval", help="perplexity of a model or checkpoint (the protocol of docs/protocol.md)")
     e.add_argument("model", help="smollm2-135m, an HF directory or hub id, a .gguf file, or a checkpoint")
