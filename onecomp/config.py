@@ -328,7 +328,8 @@ def _check_required_plugins(section) -> None:
 
     require = section.get("require", [])
     if not isinstance(require, list):
-        raise ConfigError("plugins.require", f"must be a list of requirements like 'onecomp-gptq>=0.1', got {require!r}")
+        raise ConfigError("plugins.require",
+                          f"must be a list of requirements like 'onecomp-gptq>=0.1', got {require!r}")
     for i, text in enumerate(require):
         where = f"plugins.require[{i}]"
         try:

@@ -153,9 +153,9 @@ def test_two_processes_on_one_directory(tiny_model_dir, tmp_path):
     """A real second process while the first holds the lock: refused at once with exit 2, naming the pid."""
     out = tmp_path / "run"
     path = write(tmp_path / "c.json", config(tiny_model_dir, out))
-    first = subprocess.Popen([sys.executable, "-c", "import sys, time; from onecomp.pipeline.run import _lock; from pathlib "
-                              "import Path; p = Path(sys.argv[1]); p.mkdir(); _lock(p); print('locked', "
-                              "flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    holder = ("import sys, time; from pathlib import Path; from onecomp.pipeline.run import _lock; "
+              "p = Path(sys.argv[1]); p.mkdir(); _lock(p); print('locked', flush=True); time.sleep(60)")
+    first = subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert first.stdout.readline().strip() == "locked"
         second = subprocess.run([sys.executable, "-m", "onecomp", "run", path, "--quiet"], capture_output=True,
@@ -322,7 +322,8 @@ def test_an_indefinite_hessian_is_retried_with_more_damping_and_reported():
         gptq(gptq.Config()).quantize(LayerTask("nan", W, LayerStats(64, nan)))
 
 
-@pytest.mark.parametrize("content, message", [(b"caf\xe9 au lait", "is not UTF-8 text"), (b"\x00\x00", "is a binary file")])
+@pytest.mark.parametrize("content, message", [(b"caf\xe9 au lait", "is not UTF-8 text"),
+                                              (b"\x00\x00", "is a binary file")])
 def test_eval_text_files_that_are_not_text(tiny_model_dir, tmp_path, capsys, content, message):
     (tmp_path / "t.txt").write_bytes(content)
     assert cli(["eval", str(tiny_model_dir), "--text", str(tmp_path / "t.txt"), "--windows", "1"]) == 2
