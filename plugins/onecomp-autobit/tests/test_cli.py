@@ -10,18 +10,12 @@ pytest.importorskip("onecomp_gptq")
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A seeded 2-block random Llama over the SmolLM2 vocabulary, with its tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from onecomp.models import load_model
+    from onecomp.testing.models import make_tiny_llama
 
     tokenizer = load_model("smollm2-135m").tokenizer
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    make_tiny_llama(seed=0, vocab_size=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
