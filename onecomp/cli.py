@@ -14,7 +14,7 @@ def _cmd_run(args) -> int:
     result = run(args.config, resume=args.resume, force=args.force, output=args.output, progress=not args.quiet)
     from pathlib import Path
 
-    if result.get("rank", 0) == 0:  # under torchrun, the other processes write and print nothing
+    if result.get("leader", True):  # under torchrun, rank 0 alone writes and prints the report
         print((Path(result["output"]) / "report.md").read_text())
     return 0
 

@@ -19,7 +19,8 @@ from onecomp.calibration import StatsCollector
 from onecomp.errors import RunError
 
 #: GPTQ with QEP's layer refiner: the hessian and the cross statistic (fp and quantized paths) are reduced.
-#: 6 windows in batches of 2: 3 batches, 2 on rank 0 and 1 on rank 1.
+#: 6 windows in batches of 2: 3 batches, 2 on rank 0 and 1 on rank 1. Then a blockwise stage, which runs
+#: on rank 0 alone after the others have left.
 QUANTIZER = {"name": "gptq", "bits": 3, "group_size": 32}
 
 
@@ -27,26 +28,31 @@ def config(model_dir, out):
     return {"model": {"id": str(model_dir)},
             "calibration": {"corpus": "kjv", "samples": 6, "seq_len": 64, "batch_size": 2},
             "plan": {"planner": "uniform", "quantizer": QUANTIZER},
-            "refiners": [{"name": "qep", "alpha": 0.5}],
+            "refiners": [{"name": "qep", "alpha": 0.5}, {"name": "blockwise", "epochs": 1, "batch_size": 1}],
             "evaluation": {"texts": [], "before": False},
             "output": {"dir": str(out)}}
 
 
-def tensors(ckpt: Path) -> dict:
+STAGES = ("01-layerwise", "02-blockwise")
+
+
+def tensors(out: Path) -> dict:
+    """Every stage checkpoint's tensors, by stage."""
     from safetensors.torch import load_file
 
-    return load_file(ckpt / "01-layerwise" / "model.safetensors")
+    return {stage: load_file(out / stage / "model.safetensors") for stage in STAGES}
 
 
 def assert_identical(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"tensors differ: {different[:5]}"
+    for stage in STAGES:
+        assert a[stage].keys() == b[stage].keys()
+        different = [k for k in a[stage] if not torch.equal(a[stage][k], b[stage][k])]
+        assert not different, f"{stage}: tensors differ: {different[:5]}"
 
 
 @pytest.fixture(scope="module")
 def single(tiny_model_dir, tmp_path_factory):
-    """The single-process run's pivot checkpoint tensors."""
+    """The single-process run's checkpoint tensors."""
     out = tmp_path_factory.mktemp("single") / "run"
     onecomp.run(config(tiny_model_dir, out), progress=False)
     return tensors(out)
@@ -100,7 +106,7 @@ def test_torchrun_two_processes_give_the_single_process_checkpoint(tiny_model_di
     assert proc.stdout.count("# ") >= 1  # rank 0 printed the report; the other rank printed nothing
     assert_identical(tensors(out), single)
     report = json.loads((out / "report.json").read_text())
-    assert report["stages"][0]["name"] == "layerwise"
+    assert [s["name"] for s in report["stages"]] == ["layerwise", "blockwise"]
 
 
 def _worker(rank: int, world: int, store: str, cfg: dict, die_after_block: int | None, result: str):

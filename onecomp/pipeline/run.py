@@ -317,7 +317,7 @@ def _run_in(cfg: PipelineConfig, registry, out: Path, state: dict, backend, devi
 
     distributed.leave()
     if not leader:
-        return {"model": cfg.model.id, "output": str(out), "rank": distributed.rank()}
+        return {"model": cfg.model.id, "output": str(out), "leader": False}  # rank 0 writes and reports
     total = time.perf_counter() - t_run
     result = {"model": cfg.model.id, "output": str(out), "before": state["before"], "stages": state["stages"],
               "seconds_this_session": total}
