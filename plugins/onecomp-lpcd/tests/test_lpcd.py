@@ -231,6 +231,11 @@ def test_composes_with_qep_in_one_pipeline():
                                windows=WINDOWS)
     assert [r.name for r in reports] == ["layerwise", "lpcd"]
     assert reports[1].details["loss_after"] <= reports[1].details["loss_before"]
+    qep_only = make_tiny_llama(seed=0)
+    onecomp.compress(qep_only, config={"plan": {"quantizer": GPTQ3}, "refiners": [{"name": "qep"}]}, windows=WINDOWS)
+    ours, theirs = weights(model), weights(qep_only)
+    kept = [n for n in ours if not n.endswith(("o_proj", "down_proj"))]
+    assert kept and all(torch.equal(ours[n], theirs[n]) for n in kept)  # QEP's layers where LPCD does not reach
 
 
 def test_more_bits_than_the_pivot_is_refused(tmp_path):
