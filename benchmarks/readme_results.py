@@ -93,6 +93,9 @@ def section() -> str:
     speed = _speed_line()
     if speed:
         lines += [f"Speed and memory, measured back to back: {speed}", ""]
+    inference = _inference_line()
+    if inference:
+        lines += [inference, ""]
     lines.append("Every row and setting: [quality.md](benchmarks/results/quality.md) (our pipelines), "
                  "[compare.md](benchmarks/results/compare.md) (peer tools and the ratios ours / peer), "
                  "[scaling.md](benchmarks/results/scaling.md) (time and memory against size), "
@@ -116,6 +119,22 @@ def _speed_line() -> str | None:
             f"and {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× the peak memory of {_tool(b['tool'])}'s "
             f"`{b['setting']}` ({fmt(a['quant_seconds'], 0)} / {fmt(b['quant_seconds'], 0)} s, "
             f"{fmt(a['peak_rss_mb'], 0)} / {fmt(b['peak_rss_mb'], 0)} MiB, {a['threads']} threads).")
+
+
+def _inference_line() -> str | None:
+    """Memory and decode speed of a 4-bit checkpoint run by ``onecomp.load`` against the dense model."""
+    r = _load("inference")
+    rows = r.get("rows", {})
+    q, fp32, bf16 = rows.get("checkpoint"), rows.get("float32"), rows.get("bfloat16")
+    if not (q and fp32 and bf16):
+        return None
+    what = r.get("checkpoint_note", "").split(":")[0] or "4-bit"
+    return (f"Running compressed ([inference.md](benchmarks/results/inference.md)): the {what} checkpoint loaded by "
+            f"`onecomp.load` adds {q['rss_added_mib'] / fp32['rss_added_mib']:.2f}× the fp32 model's resident memory "
+            f"({fmt(q['rss_added_mib'], 0)} / {fmt(fp32['rss_added_mib'], 0)} MiB) and decodes "
+            f"{q['decode_tokens_per_s'] / fp32['decode_tokens_per_s']:.2f}× as many tokens/s as fp32 and "
+            f"{q['decode_tokens_per_s'] / bf16['decode_tokens_per_s']:.2f}× as many as bf16 "
+            f"({r['threads']} thread{'s' if r['threads'] != 1 else ''}, one run; conditions in the linked page).")
 
 
 #: how peer tools are named in the README (compare.json's tool keys otherwise)

@@ -126,8 +126,8 @@ class Int4Linear(nn.Module):
         X = x.reshape(-1, K)
         if self.perm is not None:
             X = X.index_select(1, self.perm)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(X.to(torch.bfloat16).contiguous(), self.packed, self.group,
-                                                       self.scales_and_zeros)
+        sz = self.scales_and_zeros.to(torch.bfloat16)  # a no-op unless model.half() / .float() cast the buffer
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(X.to(torch.bfloat16).contiguous(), self.packed, self.group, sz)
         y = y.to(x.dtype).view(*x.shape[:-1], N)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
