@@ -1,8 +1,6 @@
 """LPCD's properties (docs/algorithms.md, LPCD): one step on one layer is QEP, the submodule objective never
 increases, any registered quantizer projects, and every submodule lowers its own objective on a tiny model."""
 
-import copy
-
 import pytest
 import torch
 
