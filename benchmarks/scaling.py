@@ -15,6 +15,7 @@
                                                 #   as sharded safetensors), model.stream, RTN 4-bit and GPTQ
                                                 #   4-bit g128 (min-max grid) on 8 windows: peak RSS against
                                                 #   the model's size
+    python benchmarks/scaling.py sweep-small    # the same at hidden 512, 8 / 32 blocks
     python benchmarks/scaling.py --table        # regenerate results/scaling.md only
 
 GPTQ 4-bit g128 (the plugin's defaults), calibration on KJV with seq_len 512, no
@@ -44,6 +45,9 @@ SERIES = {
     "dp": [],  # run_dp
     "sweep": [{"sweep": True, "hidden": 2048, "blocks": n, "quantizer": q, "samples": 8}  # the ends first
               for n, q in ((8, "rtn"), (32, "rtn"), (8, "gptq"), (32, "gptq"), (16, "rtn"), (16, "gptq"))],
+    # the same at hidden 512 (0.2–0.5 GB): a few minutes, light enough to run beside other work
+    "sweep-small": [{"sweep": True, "hidden": 512, "blocks": n, "quantizer": q, "samples": 8}
+                    for q in ("rtn", "gptq") for n in (8, 32)],
 }
 
 
@@ -151,7 +155,7 @@ def run_sweep_point(point: dict) -> dict:
     model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     quantizer = {"rtn": {"name": "rtn", "bits": 4},
                  "gptq": {"name": "gptq", "bits": 4, "group_size": 128, "mse": False}}[point["quantizer"]]
-    rss_before = resident_mb()
+    rss_before, load_start = resident_mb(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="onecomp-sweep-run-") as tmp:
         config = {"model": {"id": str(model), "stream": True},
                   "calibration": {"corpus": "kjv", "samples": point["samples"], "seq_len": 512, "seed": 0},
@@ -164,36 +168,39 @@ def run_sweep_point(point: dict) -> dict:
     row = {**point, "model_mb": model_bytes / 2**20, "loop_peak_rss_mb": loop.peak, "seconds": stage["seconds"],
            "seconds_per_block": stage["seconds"] / point["blocks"], "stage_peak_rss_mb": stage["peak_rss_mb"],
            "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_run_mb": rss_before, "bits_per_weight": stage["bits"]["bits_per_weight"],
+           "rss_before_run_mb": rss_before, "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
+           "bits_per_weight": stage["bits"]["bits_per_weight"],
            "env": environment()}
     record("scaling", key(point), row)
     return row
 
 
 def sweep_table(data: dict) -> list[str]:
-    rows = sorted((v for k, v in data.items() if k.startswith("sweep-")), key=lambda r: (r["quantizer"], r["blocks"]))
+    rows = sorted((v for k, v in data.items() if k.startswith("sweep-")),
+                  key=lambda r: (r["hidden"], r["quantizer"], r["blocks"]))
     if not rows:
         return []
     lines = ["", "## Out of core: depth sweep (`scaling.py sweep`)", "",
-             "Synthetic random Llama models (hidden 2048, intermediate 5632, 32 heads / 8 kv heads, vocabulary 49152, "
-             "tied embedding) written by the benchmark as sharded fp32 safetensors, run with `model.stream = true`, "
+             "Synthetic random Llama models (intermediate 2.75 × hidden, head dim 64, kv heads a quarter of the heads, "
+             "vocabulary 49152, tied embedding) written by the benchmark as sharded fp32 safetensors, run with `model.stream = true`, "
              "GPTQ with the min-max grid (`mse = false`), 8 calibration windows of 512 tokens, no evaluation, each point in its own process. *stage peak* is the "
              "block loop's peak RSS (from the stage's start to its last block), *stage peak* adds the end of the stage, "
              "where the quantized model (codes and scales of every block) is put together for the checkpoint, and "
              "*process peak* the whole process's (it also writes the checkpoint). *growth* compares with the 8-block "
-             "point of the same quantizer.", "",
-             "| quantizer | blocks | fp32 model (MiB) | stage time (s) | s per block | loop peak RSS (MiB) "
+             "point of the same width and quantizer. *load*: 1-minute load average at the start → end (2 cores).", "",
+             "| hidden | quantizer | blocks | fp32 model (MiB) | stage time (s) | s per block | loop peak RSS (MiB) "
              "| loop peak / model | loop growth vs 8 blocks | stage peak (MiB) | process peak (MiB) "
-             "| process peak / model |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {r["quantizer"]: r["loop_peak_rss_mb"] for r in rows if r["blocks"] == 8}
+             "| process peak / model | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["hidden"], r["quantizer"]): r["loop_peak_rss_mb"] for r in rows if r["blocks"] == 8}
     for r in rows:
-        growth = (f"{100 * (r['loop_peak_rss_mb'] / base[r['quantizer']] - 1):+.1f}%"
-                  if r["quantizer"] in base else "–")
-        lines.append(f"| {r['quantizer']} | {r['blocks']} | {r['model_mb']:.0f} | {r['seconds']:.0f} | "
+        b = base.get((r["hidden"], r["quantizer"]))
+        growth = f"{100 * (r['loop_peak_rss_mb'] / b - 1):+.1f}%" if b else "–"
+        lines.append(f"| {r['hidden']} | {r['quantizer']} | {r['blocks']} | {r['model_mb']:.0f} | {r['seconds']:.0f} | "
                      f"{r['seconds_per_block']:.1f} | {r['loop_peak_rss_mb']:.0f} | "
                      f"{r['loop_peak_rss_mb'] / r['model_mb']:.3f} | {growth} | {r['stage_peak_rss_mb']:.0f} | "
-                     f"{r['process_peak_rss_mb']:.0f} | {r['process_peak_rss_mb'] / r['model_mb']:.3f} |")
+                     f"{r['process_peak_rss_mb']:.0f} | {r['process_peak_rss_mb'] / r['model_mb']:.3f} | "
+                     f"{r['loadavg_start']:.1f} → {r['loadavg_end']:.1f} |")
     return lines
 
 
