@@ -177,3 +177,14 @@ def test_sample_damping_generalises_better_from_few_tokens():
         errs = [(X_hat[test] @ QEP(QEPConfig(alpha=1.0, sample_damp=sd)).adjust(task).W.T
                  - X[test] @ W.T).norm().item() for sd in (0.0, 1.0)]
         assert errs[1] < errs[0]
+
+
+def test_a_non_finite_hessian_is_a_clean_error():
+    """NaN statistics end in onecomp's error type (one line in the CLI), never a linear-algebra traceback."""
+    from onecomp import FormatError
+
+    X, X_hat = paths(n=200, d=8)
+    s = stats(X, X_hat)
+    s.H[0, 0] = float("nan")
+    with pytest.raises(FormatError, match="NaN or Inf"):
+        qep_correct(torch.randn(4, 8), s.H, s.cross)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from onecomp import LayerTask, Refiner, in_range, matches
+from onecomp import FormatError, LayerTask, Refiner, in_range, matches
 
 
 @attrs.define
@@ -31,6 +31,8 @@ class QEPConfig:
 def _damped_cholesky(H_hat: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Cholesky factor of Ĥ + λI in fp64, retrying with 10× damping while it fails."""
     H = H_hat.double()
+    if not bool(torch.isfinite(H).all()):
+        raise FormatError("QEP: Ĥ holds NaN or Inf values (non-finite calibration activations)")
     mean_diag = H.diagonal().mean().clamp(min=1e-12)
     damp = percdamp
     for _ in range(8):
@@ -38,7 +40,7 @@ def _damped_cholesky(H_hat: torch.Tensor, percdamp: float) -> torch.Tensor:
         if info.item() == 0:
             return L
         damp = max(damp * 10, 1e-6)
-    raise ValueError("QEP: Ĥ + λI is not positive definite even with heavy damping")
+    raise FormatError(f"QEP: Ĥ + λI is not positive definite even with damping {damp / 10:g} × mean(diag Ĥ)")
 
 
 def qep_correct(W: torch.Tensor, H_hat: torch.Tensor, cross: torch.Tensor, alpha: float = 0.5,
