@@ -183,7 +183,7 @@ def sweep_table(data: dict) -> list[str]:
     lines = ["", "## Out of core: depth sweep (`scaling.py sweep`)", "",
              "Synthetic random Llama models (intermediate 2.75 × hidden, head dim 64, kv heads a quarter of the heads, "
              "vocabulary 49152, tied embedding) written by the benchmark as sharded fp32 safetensors, run with `model.stream = true`, "
-             "GPTQ with the min-max grid (`mse = false`), 8 calibration windows of 512 tokens, no evaluation, each point in its own process. *stage peak* is the "
+             "GPTQ with the min-max grid (`mse = false`), 8 calibration windows of 512 tokens, no evaluation, each point in its own process. *loop peak* is the "
              "block loop's peak RSS (from the stage's start to its last block), *stage peak* adds the end of the stage, "
              "where the quantized model (codes and scales of every block) is put together for the checkpoint, and "
              "*process peak* the whole process's (it also writes the checkpoint). *growth* compares with the 8-block "
