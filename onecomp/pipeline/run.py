@@ -377,8 +377,11 @@ def planner_stats(model, inspection, windows: torch.Tensor, batch_size: int, nee
 
     handles.append(blocks[len(inspection.blocks) - 1].register_forward_hook(stop))
     device = next(model.parameters()).device
+    starts = list(range(0, len(windows), batch_size))
+    if distributed.active():  # data-parallel: each rank its share of the batches; the collectors sum across ranks
+        starts = [starts[j] for j in distributed.shard(len(starts))]
     try:
-        for i in range(0, len(windows), batch_size):
+        for i in starts:
             try:
                 model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
             except Done:
