@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .affine import AffineInt, pack_rows
+from .affine import AffineInt, pack_rows, unpack_rows
 from .common import ExportError
 
 TARGETS = ("compressed-tensors", "gptq", "gguf")
 
-__all__ = ["AffineInt", "ExportError", "TARGETS", "export", "pack_rows"]
+__all__ = ["AffineInt", "ExportError", "TARGETS", "export", "pack_rows", "unpack_rows"]
 
 
 def export(checkpoint, target: str, out, *, registry=None, force: bool = False, shard_size=None) -> Path:

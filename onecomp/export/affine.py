@@ -50,11 +50,21 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     bit stream (the layout of compressed-tensors' ``pack_to_int32`` and of GPTQ's ``qweight`` columns)."""
     rows, n = codes.shape
     words = math.ceil(n * bits / 32)
-    offset = torch.arange(n) * bits
+    offset = torch.arange(n, device=codes.device) * bits
     word, shift = offset // 32, offset % 32
-    value = codes.long() << shift
-    out = torch.zeros(rows, words + 1, dtype=torch.long)
+    value = codes.long() << shift  # < 2^40: fits int64, may spill into the next word
+    out = torch.zeros(rows, words + 1, dtype=torch.long, device=codes.device)
     out.scatter_add_(1, word.expand(rows, n), value & 0xFFFFFFFF)
     out.scatter_add_(1, (word + 1).expand(rows, n), value >> 32)
     out = out[:, :words]
     return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Inverse of ``pack_rows``: ``[rows, words]`` int32 → ``[rows, n]`` int64 codes."""
+    rows = packed.shape[0]
+    unsigned = packed.long() & 0xFFFFFFFF
+    unsigned = torch.cat([unsigned, torch.zeros(rows, 1, dtype=torch.long, device=packed.device)], 1)
+    offset = torch.arange(n, device=packed.device) * bits
+    word, shift = offset // 32, offset % 32
+    return ((unsigned[:, word] | (unsigned[:, word + 1] << 32)) >> shift) & (2**bits - 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from .affine import AffineInt
+from .affine import AffineInt, unpack_rows
 
 def is_pack_quantized(path: Path) -> bool:
     """True for a directory whose config.json declares compressed-tensors ``pack-quantized`` weights."""
@@ -23,14 +23,6 @@ def is_pack_quantized(path: Path) -> bool:
 
 def _formats(qc: dict) -> set[str]:
     return {qc.get("format")} | {g.get("format") for g in (qc.get("config_groups") or {}).values()}
-
-
-def _unpack_rows(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    rows = packed.shape[0]
-    unsigned = torch.cat([packed.long() & 0xFFFFFFFF, torch.zeros(rows, 1, dtype=torch.long)], 1)
-    offset = torch.arange(n) * bits
-    word, shift = offset // 32, offset % 32
-    return ((unsigned[:, word] | (unsigned[:, word + 1] << 32)) >> shift) & (2**bits - 1)
 
 
 def _weights_args(qc: dict, name: str) -> dict:
@@ -51,9 +43,9 @@ def affine_from_stored(name: str, stored: dict, args: dict) -> AffineInt:
     out, inp = (int(v) for v in stored["weight_shape"].tolist())
     scales = stored["weight_scale"].reshape(out, -1)
     G = scales.shape[1]
-    q = _unpack_rows(stored["weight_packed"], inp, bits)
+    q = unpack_rows(stored["weight_packed"], inp, bits)
     if "weight_zero_point" in stored and not args.get("symmetric", True):
-        zeros = _unpack_rows(stored["weight_zero_point"].T.contiguous(), out, bits).T
+        zeros = unpack_rows(stored["weight_zero_point"].T.contiguous(), out, bits).T
     else:
         zeros = torch.full((out, G), offset, dtype=torch.long)
     g_idx = stored.get("weight_g_idx")

@@ -24,6 +24,7 @@ import attrs
 import torch
 
 from onecomp import ConfigError, Format, FormatError, in_range
+from onecomp.export import pack_rows, unpack_rows
 
 
 def check_group_size(inst, attribute, value):
@@ -43,29 +44,15 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``[rows, n]`` integer codes in [0, 2^bits) → ``[rows, ceil(n·bits/32)]`` int32 words.
 
     Each row is a little-endian bit stream: code ``j`` occupies bits ``j·bits … j·bits+bits−1``;
-    a code may straddle two words. The last word of a row is zero-padded.
+    a code may straddle two words. The last word of a row is zero-padded. The layout is the
+    one exporters write (compressed-tensors' ``pack_to_int32``), so the core's packer serves both.
     """
-    rows, n = codes.shape
-    words = math.ceil(n * bits / 32)
-    offset = torch.arange(n, device=codes.device) * bits
-    word, shift = offset // 32, offset % 32
-    value = codes.long() << shift  # < 2^40: fits int64, may spill into the next word
-    out = torch.zeros(rows, words + 1, dtype=torch.long, device=codes.device)
-    out.scatter_add_(1, word.expand(rows, n), value & 0xFFFFFFFF)
-    out.scatter_add_(1, (word + 1).expand(rows, n), value >> 32)
-    out = out[:, :words]
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return pack_rows(codes, bits)
 
 
 def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     """Inverse of pack_codes: ``[rows, words]`` int32 → ``[rows, n]`` int64 codes."""
-    rows = packed.shape[0]
-    unsigned = packed.long() & 0xFFFFFFFF
-    unsigned = torch.cat([unsigned, torch.zeros(rows, 1, dtype=torch.long, device=packed.device)], 1)
-    offset = torch.arange(n, device=packed.device) * bits
-    word, shift = offset // 32, offset % 32
-    both = unsigned[:, word] | (unsigned[:, word + 1] << 32)
-    return (both >> shift) & (2**bits - 1)
+    return unpack_rows(packed, n, bits)
 
 
 class GPTQFormat(Format):
