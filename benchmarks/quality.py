@@ -41,24 +41,25 @@ def binary(kind: str, bpw: float) -> dict:
 AUTOBIT_CANDIDATES = [q("gptq", bits=b, group_size=g, mse=False) for b in (2, 3, 4, 8) for g in (64, 128, -1)]
 
 
-def autobit(budget: dict, quantizer: dict | None = None) -> dict:
-    """An AutoBit plan (activation-aware cost); with ``quantizer`` and no budget, at exactly the stored
-    bits of that uniform setting."""
-    return {"planner": {"name": "autobit", "candidates": AUTOBIT_CANDIDATES, **budget},
+def autobit(budget: dict, quantizer: dict | None = None, cost: str = "activation") -> dict:
+    """An AutoBit plan with ``cost``; with ``quantizer`` and no budget, at exactly the stored bits of that
+    uniform setting."""
+    return {"planner": {"name": "autobit", "candidates": AUTOBIT_CANDIDATES, "cost": cost, **budget},
             **({"quantizer": quantizer} if quantizer else {})}
+
+
+W3G128_MINMAX, W4G128_MINMAX = q("gptq", bits=3, group_size=128, mse=False), q("gptq", bits=4, group_size=128, mse=False)
 
 
 SETTINGS = {
     # AutoBit (needs onecomp-autobit) at the stored bits of gptq-w3g128-minmax / gptq-w4g128-minmax
-    # (the same GPTQ settings), and at 2.5 bits (nearest uniform: gptq-w2g64)
-    "autobit-w3g128": {"plan": autobit({}, q("gptq", bits=3, group_size=128, mse=False))},
-    "autobit-w4g128": {"plan": autobit({}, q("gptq", bits=4, group_size=128, mse=False))},
-    "autobit-2.5": {"plan": autobit({"target_bpw": 2.5})},
-    "autobit+qep-w3g128": {"plan": autobit({}, q("gptq", bits=3, group_size=128, mse=False)),
-                           "refiners": [{"name": "qep"}]},
-    "autobit+qep-w4g128": {"plan": autobit({}, q("gptq", bits=4, group_size=128, mse=False)),
-                           "refiners": [{"name": "qep"}]},
-    "autobit+qep-2.5": {"plan": autobit({"target_bpw": 2.5}), "refiners": [{"name": "qep"}]},
+    # (the same GPTQ settings), and at 2.5 bits (nearest uniform: gptq-w2g64); "-fisher" prices errors
+    # with the output-gradient-weighted cost instead of the activation-only one
+    **{f"autobit{tag}{qep_tag}-{budget_tag}": {"plan": autobit(budget, quantizer, cost), "refiners": qep}
+       for tag, cost in (("", "activation"), ("-fisher", "fisher"))
+       for qep_tag, qep in (("", []), ("+qep", [{"name": "qep"}]))
+       for budget_tag, budget, quantizer in (("w3g128", {}, W3G128_MINMAX), ("w4g128", {}, W4G128_MINMAX),
+                                             ("2.5", {"target_bpw": 2.5}, None))},
     # round to nearest (no calibration data)
     "rtn-w4g128": {"quantizer": q("rtn", bits=4, group_size=128)},
     "rtn-w3g128": {"quantizer": q("rtn", bits=3, group_size=128)},

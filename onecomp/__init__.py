@@ -25,6 +25,7 @@ _EXPORTS = {
     "validation": ["build_config", "finite", "in_range", "one_of", "positive"],
     "errors": ["CheckpointError", "ConfigError", "DuplicateComponent", "FormatError", "ModelLoadError",
                "OneCompError", "RunError", "UnknownComponent"],
+    "calibration.sensitivity": ["output_grad_squares"],
     "hookspecs": ["hookimpl"],
     "registry": ["Registry"],
 }

@@ -179,7 +179,7 @@ def _print_plan(args, loaded) -> int:
     inspection = inspect_model(loaded.model)
     planner = registry.create(cfg.planner)
     windows = None
-    if set(planner.needs) & STATISTICS:
+    if set(planner.needs) & (STATISTICS | {"windows"}):
         windows = calibration_windows(loaded.tokenizer, cfg.calibration.corpus, cfg.calibration.samples,
                                       cfg.calibration.seq_len, cfg.calibration.seed)
     plan = make_plan(planner, inspection, cfg, registry, loaded.model, windows, progress=not args.json)

@@ -31,7 +31,9 @@ STATISTICS = frozenset({"hessian", "cross", "diag", "samples"})
 #:                  windows through the fp model before planning: ``stats={linear name: LayerStats}``
 #:   model          the fp model itself (its weights): ``model=nn.Module``
 #:   capabilities   the run's backend report (e.g. for a memory budget): ``capabilities=BackendCapabilities``
-PLANNER_NEEDS = frozenset({"diag", "hessian", "model", "capabilities"})
+#:   windows        the calibration windows themselves, ``windows=Tensor[n, seq_len]``, for planners that
+#:                  measure more than input statistics (e.g. ``onecomp.output_grad_squares`` on a subset)
+PLANNER_NEEDS = frozenset({"diag", "hessian", "model", "capabilities", "windows"})
 
 SCOPES = ("layer", "block", "model")
 

@@ -347,6 +347,8 @@ def make_plan(planner, inspection, cfg: PipelineConfig, registry, model, windows
     if statistics:
         _say(f"planner {planner.name}: capturing {', '.join(sorted(statistics))} …", progress)
         given["stats"] = planner_stats(model, inspection, windows, cfg.calibration.batch_size, statistics)
+    if "windows" in needs:
+        given["windows"] = windows
     if "capabilities" in needs:
         given["capabilities"] = (backend or registry.create(cfg.backend)).capabilities()
     plan = planner.plan(inspection, cfg.quantizer, registry, **given)

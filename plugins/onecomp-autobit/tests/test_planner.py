@@ -216,3 +216,35 @@ def test_registry_checks_planner_needs():
     with pytest.raises(TypeError, match=r"needs has \['cross'\]"):
         with reg.temporarily(module(planner_needing({"diag", "cross"})), name="bad"):
             pass
+
+
+def test_fisher_cost_weighs_each_output_channel():
+    """With unit output weights it is the activation cost; a one-hot weight keeps that row's error only."""
+    from onecomp_autobit.costs import weighted_error
+
+    g = torch.Generator().manual_seed(3)
+    W, W_hat, d = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g), torch.rand(10, generator=g)
+    assert weighted_error(W, W_hat, d, torch.ones(6)) == pytest.approx(weighted_error(W, W_hat, d))
+    one_hot = torch.zeros(6)
+    one_hot[2] = 3.0
+    assert weighted_error(W, W_hat, d, one_hot) == pytest.approx(3 * float(((W - W_hat)[2] ** 2 * d).sum()))
+
+
+def test_fisher_plan_meets_its_budget_and_prices_with_output_gradients(tiny_llama, calib_batch):
+    plan, p, inspection = planned(tiny_llama, calib_batch, {"target_bpw": 3.3, "cost": "fisher", "grad_windows": 2})
+    assert p.needs == {"model", "diag", "windows"}
+    s = p.summary
+    assert s["cost"] == "fisher" and s["planned_bits"] <= 3.3 * s["weights"]
+    # the total is the fisher-weighted error of the chosen candidates, recomputed here
+    from onecomp_autobit.costs import layer_cost, statistics_for
+    from onecomp.pipeline.run import planner_stats
+
+    reg = onecomp.Registry.default()
+    stats = planner_stats(tiny_llama, inspection, calib_batch, 8, {"diag"})
+    G = onecomp.output_grad_squares(tiny_llama, inspection, calib_batch[:2])
+    total = 0.0
+    for n, spec in plan.items():
+        q = reg.create(spec)
+        W = tiny_llama.get_submodule(n).weight.detach().float()
+        total += layer_cost(q, n, W, statistics_for(q, stats[n].diag), stats[n].diag, G[n])
+    assert s["total_cost"] == pytest.approx(total, rel=1e-5)

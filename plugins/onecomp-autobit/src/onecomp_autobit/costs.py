@@ -6,6 +6,12 @@ Hessian its diagonal approximation ``H = 2 · diag(E[x²])``. The ``rtn`` cost t
 (no data: the plain weight error); ``activation`` uses calibration's ``diag`` statistics:
 
     cost = Σ_q Σ_p (W − Ŵ)²_qp · E[x_p²]
+
+and ``fisher`` also weighs each output channel by how much the loss reacts to it,
+``G_q = E[(∂L/∂y_q)²]`` (``onecomp.output_grad_squares``): with ``F_qp ≈ G_q · E[x_p²]`` the diagonal
+Fisher, ``½ Σ F_qp (ΔW_qp)²`` is the second-order estimate of the loss increase, which makes errors
+in different layers comparable (an error early in the model, or in a layer the loss is sensitive
+to, costs more than the same output error elsewhere).
 """
 
 from __future__ import annotations
@@ -26,11 +32,14 @@ def statistics_for(quantizer, diag: torch.Tensor, n_tokens: int = 0) -> LayerSta
                       H=torch.diag(2 * diag) if "hessian" in needs else None)
 
 
-def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, diag: torch.Tensor) -> float:
-    """Σ (W − Ŵ)² · diag, the input-channel-weighted squared error."""
-    return float(((W - W_hat).square() * diag[None, :]).sum())
+def weighted_error(W: torch.Tensor, W_hat: torch.Tensor, diag: torch.Tensor, out: torch.Tensor | None = None) -> float:
+    """Σ_qp out_q · (W − Ŵ)²_qp · diag_p: the squared error weighted per input channel (and per output
+    channel when ``out`` is given)."""
+    per_row = ((W - W_hat).square() * diag[None, :]).sum(1)
+    return float(per_row.sum() if out is None else (per_row * out).sum())
 
 
-def layer_cost(quantizer, name: str, W: torch.Tensor, stats: LayerStats, diag: torch.Tensor) -> float:
+def layer_cost(quantizer, name: str, W: torch.Tensor, stats: LayerStats, diag: torch.Tensor,
+               out: torch.Tensor | None = None) -> float:
     """One candidate's error on one layer, from its quantizer's ``estimate``."""
-    return weighted_error(W, quantizer.estimate(LayerTask(name=name, W=W, stats=stats)), diag)
+    return weighted_error(W, quantizer.estimate(LayerTask(name=name, W=W, stats=stats)), diag, out)

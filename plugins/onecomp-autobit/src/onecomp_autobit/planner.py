@@ -10,7 +10,7 @@ import attrs
 import numpy as np
 import torch
 
-from onecomp import ConfigError, Planner, in_range, matches, one_of
+from onecomp import ConfigError, Planner, in_range, matches, one_of, output_grad_squares, positive
 
 from .costs import layer_cost, statistics_for
 from .ilp import InfeasibleBudget, solve, total
@@ -34,8 +34,11 @@ class AutoBitConfig:
     #: quantizer tables ({name = "gptq", bits = 3, ...}); empty: gptq 2/3/4/8 bits × g64/g128/per channel,
     #: and mdbf at 1/1.5/2 bits when installed
     candidates: list = attrs.Factory(list)
-    #: "activation": Σ (ΔW)² · E[x²] from calibration's diagonal statistics; "rtn": Σ (ΔW)², no data
-    cost: str = attrs.field(default="activation", validator=one_of("activation", "rtn"))
+    #: "activation": Σ (ΔW)² · E[x²] from calibration's diagonal statistics; "fisher": the same, each
+    #: output channel also weighted by E[(∂L/∂y)²] (a diagonal Fisher); "rtn": Σ (ΔW)², no data
+    cost: str = attrs.field(default="activation", validator=one_of("activation", "fisher", "rtn"))
+    #: calibration windows run forward and backward for the "fisher" cost's output gradients
+    grad_windows: int = attrs.field(default=32, validator=positive)
     #: average stored bits per weight over the planned layers (scales, zeros and indices included)
     target_bpw: float | None = attrs.field(default=None, validator=_optional_positive)
     #: bytes of the whole stored model (planned layers as stored, every other tensor as it is)
@@ -60,12 +63,13 @@ class AutoBit(Planner):
 
     name = "autobit"
     Config = AutoBitConfig
-    needs = frozenset({"model", "diag", "capabilities"})
+    needs = frozenset({"model", "diag", "windows", "capabilities"})
 
     def __init__(self, config=None):
         super().__init__(config)
         c = self.config
-        self.needs = frozenset({"model"} | ({"diag"} if c.cost == "activation" else set())
+        self.needs = frozenset({"model"} | ({"diag"} if c.cost in ("activation", "fisher") else set())
+                               | ({"windows"} if c.cost == "fisher" else set())
                                | ({"capabilities"} if c.budget == "auto" else set()))
         self.summary: dict = {}
 
@@ -79,7 +83,7 @@ class AutoBit(Planner):
             specs.append(quantizer)
         return specs
 
-    def plan(self, inspection, quantizer, registry, *, model, stats=None, capabilities=None):
+    def plan(self, inspection, quantizer, registry, *, model, stats=None, capabilities=None, windows=None):
         c = self.config
         t0 = time.perf_counter()
         specs = self.candidates(quantizer, registry)
@@ -109,10 +113,13 @@ class AutoBit(Planner):
         cost = np.full(bits.shape, np.inf)
         from tqdm.auto import tqdm
 
+        out_weights = {}
+        if c.cost == "fisher":
+            out_weights = output_grad_squares(model, inspection, windows[: c.grad_windows], progress=True)
         for g, members in enumerate(tqdm(groups, desc="autobit costs", unit="group", disable=None, leave=False)):
             for n in members:
                 W = model.get_submodule(n).weight.detach().to(torch.float32)
-                if c.cost == "activation":
+                if c.cost in ("activation", "fisher"):
                     layer = stats[n]
                     diag, n_tokens = layer.diag.float(), layer.n_tokens
                 else:
@@ -120,7 +127,7 @@ class AutoBit(Planner):
                 for k, q in enumerate(quantizers):
                     if not allowed[g, k]:
                         continue
-                    err = layer_cost(q, n, W, statistics_for(q, diag, n_tokens), diag)
+                    err = layer_cost(q, n, W, statistics_for(q, diag, n_tokens), diag, out_weights.get(n))
                     cost[g, k] = err if not math.isfinite(cost[g, k]) else cost[g, k] + err
         t_cost = time.perf_counter() - t0
         try:
