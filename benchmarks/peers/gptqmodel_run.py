@@ -4,8 +4,8 @@
 ``{input_ids, attention_mask}`` dicts (batch 1, ``calibration_sort=None`` so the order is kept); the
 tool adds no BOS to ready token ids. Its defaults otherwise (symmetric, its act-order and damping
 defaults, recorded in the row). Output: ``save`` (GPTQ format: packed qweight, qzeros, fp16 scales,
-g_idx), whose tensors give the bits per weight; ppl on the fp32 model with the weights unpacked by us
-from those saved tensors.
+g_idx), whose tensors give the bits per weight; ppl of that saved checkpoint as ``onecomp.load`` reads
+it (OneComp's GPTQ importer, in our own interpreter: ``peer_common.evaluate_saved``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
-from peer_common import dequantize_gptq_into, load_fp32, start, stored_bits  # noqa: E402
+from peer_common import start, stored_bits  # noqa: E402
 
 
 def main():
     started = start("gptqmodel", __doc__, ["gptqmodel"])
     if started is None:
         return
-    run, calib, evals = started
+    run, calib, _ = started
     args, s = run.args, run.args.setting
     from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -33,13 +33,12 @@ def main():
     out = Path(args.out) / "quantized"
     model.save(str(out))
     bits = stored_bits(out, args.model)
-    fp = load_fp32(args.model)
-    unpacked = dequantize_gptq_into(fp, out, s["bits"])
-    run.evaluate(fp, evals)
+    del model
+    run.evaluate_saved(out)
     params = {k: str(getattr(qcfg, k, None)) for k in ("bits", "group_size", "sym", "desc_act", "damp_percent",
                                                          "act_group_aware", "true_sequential", "format")}
-    run.finish(bits=bits, unpacked=unpacked, tool_params=params,
-               eval_weights="fp32 model with weights unpacked by us from the saved GPTQ tensors")
+    run.finish(bits=bits, tool_params=params,
+               eval_weights="the saved GPTQ checkpoint as onecomp.load reads it (OneComp's GPTQ importer)")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ Calibration goes in as a ready torch DataLoader over our windows (batch 1, in or
 all-ones ``attention_mask``): llmcompressor then skips its dataset loading, tokenisation, shuffling and
 BOS handling. The 576-wide layers of the embedded model are not a multiple of 128; the modifier refuses
 them unless ``bypass_divisibility_checks=True`` (setting ``bypass``), in which case the last group of a
-row is shorter, as in docs/protocol.md. ppl is measured on the in-memory model after ``oneshot`` (its
-weights hold GPTQ's quantized-dequantized values and compressed-tensors' fake-quant forward applies the
-stored scales/zero points), before saving with ``save_pretrained(save_compressed=True)``
-(compressed-tensors ``pack-quantized``), whose tensors give the bits per weight.
+row is shorter, as in docs/protocol.md. The model is saved with ``save_pretrained(save_compressed=True)``
+(compressed-tensors ``pack-quantized``), whose tensors give the bits per weight; ppl is measured on that
+saved checkpoint as ``onecomp.load`` reads it (OneComp's pack-quantized importer, in our own
+interpreter: ``peer_common.evaluate_saved``), not on the in-memory fake-quant model.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main():
     started = start("llmcompressor", __doc__, ["llmcompressor", "compressed-tensors"])
     if started is None:
         return
-    run, calib, evals = started
+    run, calib, _ = started
     args, s = run.args, run.args.setting
     model = run.fp_model()
     from llmcompressor import oneshot
@@ -47,15 +47,16 @@ def main():
     recipe = GPTQModifier(targets="Linear", ignore=["lm_head"], **kw)
     run.timed(lambda: oneshot(model=model, processor=tokenizer, dataset=loader, recipe=recipe,
                               num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1]))
-    run.evaluate(model, evals)
     out = Path(args.out) / "quantized"
     model.save_pretrained(str(out), save_compressed=True)
     tokenizer.save_pretrained(str(out))
     bits = stored_bits(out, args.model)
     params = {k: str(getattr(recipe, k, None)) for k in ("block_size", "dampening_frac", "actorder")}
     params.update({k: str(v) for k, v in kw.items()})
-    run.finish(bits=bits, tool_params=params, eval_weights="in-memory model after oneshot: GPTQ's "
-               "quantized-dequantized weights under compressed-tensors fake-quant forward")
+    del model
+    run.evaluate_saved(out)
+    run.finish(bits=bits, tool_params=params, eval_weights="the saved pack-quantized checkpoint as onecomp.load "
+               "reads it (OneComp's compressed-tensors importer)")
 
 
 if __name__ == "__main__":

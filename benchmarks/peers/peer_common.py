@@ -1,7 +1,10 @@
-"""Shared by the peer runners: inputs, fp32 model, perplexity, bits per weight, the result line.
+"""Shared by the peer runners: inputs, fp32 model, perplexity, bits per weight, the result line, and the
+evaluation of a peer's saved checkpoint by OneComp's importer.
 
 Runs inside each peer's own virtual environment, so it imports only torch, transformers and
-safetensors, never our onecomp (the original-onecomp environment has its own package of that name).
+safetensors, never our onecomp (the original-onecomp environment has its own package of that name):
+a saved checkpoint is evaluated by ``saved_eval.py`` in a subprocess of the interpreter that has our
+onecomp (the one the venv was made from, or ``$ONECOMP_PYTHON``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import re
 import resource
 import struct
+import subprocess
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -70,6 +74,13 @@ class Run:
         t0 = time.perf_counter()
         self.row["ppl"] = {text: perplexity(model, w) for text, w in evals.items()}
         self.row["eval_seconds"] = time.perf_counter() - t0
+
+    def evaluate_saved(self, saved: Path) -> None:
+        """The ppl of the checkpoint the tool saved under ``saved``, read by ``onecomp.load``."""
+        result = evaluate_saved(saved, self.args.inputs, self.args.threads)
+        self.row["ppl"] = result.pop("ppl")
+        self.row["eval_seconds"] = result["eval_seconds"]
+        self.row["saved_eval"] = result
 
     def finish(self, **extra) -> None:
         self.row.update(extra)
@@ -165,53 +176,15 @@ def stored_bits(out_dir: Path, model_dir: str) -> dict:
             "stored_bytes": total, "bytes_by_tensor": by_kind, "files": [str(f.relative_to(out_dir)) for f in files]}
 
 
-def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Unpack ``bits``-bit values from int32 words along ``dim`` (GPTQ layout, low bits first). When 32 is
-    not a multiple of ``bits`` (3-bit), the words along ``dim`` form one LSB-first bit stream and a value
-    may span two words."""
-    if 32 % bits:
-        p = packed.to(torch.int64) & 0xFFFFFFFF
-        p = p if dim == 0 else p.T
-        count = p.shape[0] * 32 // bits
-        start = torch.arange(count) * bits
-        word, offset = start // 32, start % 32
-        nxt = (word + 1).clamp(max=p.shape[0] - 1)
-        value = (p[word] >> offset[:, None]) | (p[nxt] << (32 - offset)[:, None])
-        value = (value & ((1 << bits) - 1)).to(torch.int32)
-        return value if dim == 0 else value.T
-    per = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
-    p = packed.to(torch.int32)
-    mask = (1 << bits) - 1
-    if dim == 0:
-        return ((p[:, None, :] >> shifts[None, :, None]) & mask).reshape(p.shape[0] * per, p.shape[1])
-    return ((p[:, :, None] >> shifts[None, None, :]) & mask).reshape(p.shape[0], p.shape[1] * per)
-
-
-def dequantize_gptq_into(model, out: Path, bits: int) -> dict:
-    """Write into the fp32 ``model`` the weights a saved GPTQ-format checkpoint holds (qweight, qzeros,
-    scales, g_idx), read by us rather than by the tool. The zero-point convention (``checkpoint_format``
-    gptq = v1, stored zero - 1; gptq_v2 = as is) comes from the checkpoint's quantization config."""
-    from safetensors.torch import load_file
-
-    config = {}
-    for name in ("config.json", "quantize_config.json", "quant_config.json"):
-        if (out / name).exists():
-            data = json.loads((out / name).read_text())
-            config.update(data.get("quantization_config", data) if name == "config.json" else data)
-    fmt = str(config.get("checkpoint_format", config.get("format", "gptq"))).lower()
-    offset = 0 if "v2" in fmt else 1
-    tensors = {}
-    for f in sorted(out.rglob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    n = 0
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear) or f"{name}.qweight" not in tensors:
-            continue
-        scales = tensors[f"{name}.scales"].float()
-        g_idx = tensors[f"{name}.g_idx"].long()
-        q = unpack_int32(tensors[f"{name}.qweight"], bits, 0)[: mod.in_features].float()  # [in, out]
-        z = unpack_int32(tensors[f"{name}.qzeros"], bits, 1)[:, : mod.out_features].float() + offset
-        mod.weight.data = ((q - z[g_idx]) * scales[g_idx]).t().contiguous()
-        n += 1
-    return {"format": fmt, "zero_offset": offset, "layers": n}
+def evaluate_saved(saved: Path, inputs, threads: int) -> dict:
+    """Run ``saved_eval.py`` on a saved checkpoint: its ppl on the ``eval/<text>`` windows of ``inputs``
+    through ``onecomp.load``, plus which importer read it and its timings."""
+    python = os.environ.get("ONECOMP_PYTHON") or getattr(sys, "_base_executable", None) or sys.executable
+    cmd = [python, str(Path(__file__).resolve().parent / "saved_eval.py"), "--checkpoint", str(saved),
+           "--inputs", str(inputs), "--threads", str(threads)]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"evaluating {saved} with onecomp.load failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return json.loads(lines[-1][len("RESULT "):]) | {"python": python}

@@ -326,14 +326,26 @@ def _read_weights(path: Path) -> dict:
     return read_weights(path)
 
 
-def _load_foreign(path: Path, dtype) -> nn.Module | None:
-    """A compressed-tensors ``pack-quantized`` directory another tool wrote (no manifest), dequantized
-    for evaluation; None for anything else."""
+def foreign_reader(path: Path):
+    """``read(path, dtype)`` for a directory another tool wrote (no manifest) in a layout we import:
+    compressed-tensors ``pack-quantized`` or the classic GPTQ layout; None for anything else."""
+    from ..export.gptq_import import is_gptq, load_gptq
     from ..export.pack_quantized import is_pack_quantized, load_pack_quantized
 
-    if os.path.lexists(path / MANIFEST) or not is_pack_quantized(path):
+    path = Path(path)
+    if os.path.lexists(path / MANIFEST):
         return None
-    model = load_pack_quantized(path, dtype or torch.float32)
+    if is_pack_quantized(path):
+        return load_pack_quantized
+    return load_gptq if is_gptq(path) else None
+
+
+def _load_foreign(path: Path, dtype) -> nn.Module | None:
+    """A directory another tool wrote, dequantized for evaluation (see ``foreign_reader``); None for anything else."""
+    reader = foreign_reader(path)
+    if reader is None:
+        return None
+    model = reader(path, dtype or torch.float32)
     model.config.use_cache = False
     return model
 

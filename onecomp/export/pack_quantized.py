@@ -1,22 +1,85 @@
-"""Reading compressed-tensors ``pack-quantized`` directories that another tool wrote (llm-compressor),
-so ``onecomp.load`` and ``onecomp eval`` evaluate them like our own checkpoints. The layout is
-described in ``compressed_tensors.py`` beside this file."""
+"""Reading checkpoints another tool wrote, so ``onecomp.load`` and ``onecomp eval`` evaluate them like
+our own: compressed-tensors ``pack-quantized`` directories (llm-compressor; the layout is described in
+``compressed_tensors.py``) here, the classic GPTQ layout in ``gptq_import.py``. What both share (building
+the model and placing each dequantized layer) is here too; ``onecomp.checkpoint.io.foreign_reader``
+picks the reader of a directory."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..errors import ModelLoadError
 from .affine import AffineInt, unpack_rows
 
+
+def plain_config(path: Path):
+    """The directory's transformers config without its ``quantization_config`` (returned beside it as
+    a dict), so the model is built as an ordinary fp model."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}/config.json cannot be used: {exc}") from None
+    qc = getattr(config, "quantization_config", None) or {}
+    if not isinstance(qc, dict):
+        qc = qc.to_dict()
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config, qc
+
+
+def model_with_layers(path: Path, config, tensors: dict, dtype: torch.dtype, marker: str, suffixes: tuple,
+                      read_layer: Callable) -> torch.nn.Module:
+    """A transformers model of ``config`` holding ``tensors``: each module with a ``{name}.{marker}`` tensor
+    gets ``read_layer(name, stored, (out, in))`` as its weight, ``stored`` being its tensors named in
+    ``suffixes``; any tensor too many or too few is a ModelLoadError, never a random weight."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    placed = []
+    for key in sorted(k for k in tensors if k.endswith("." + marker)):
+        name = key[: -len(marker) - 1]
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, torch.nn.Linear):
+            raise ModelLoadError(f"{path}: tensor {key} belongs to no linear layer of the model config.json describes")
+        stored = {s: tensors.pop(f"{name}.{s}") for s in suffixes if f"{name}.{s}" in tensors}
+        W = read_layer(name, stored, (linear.out_features, linear.in_features))
+        with torch.no_grad():
+            linear.weight.copy_(W)
+        placed.append(name + ".weight")
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        raise ModelLoadError(f"{path}: tensors do not match the model: {exc}") from None
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    ties = getattr(config, "tie_word_embeddings", False)
+    missing = [k for k in missing
+               if k not in placed and k not in tied and not (k.endswith("lm_head.weight") and ties)]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: tensors do not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    if ties:
+        model.tie_weights()
+    model.config.use_cache = False
+    return model.eval()
+
+
+# ---------------------------------------------------------------- compressed-tensors pack-quantized
+
+
 def is_pack_quantized(path: Path) -> bool:
     """True for a directory whose config.json declares compressed-tensors ``pack-quantized`` weights."""
     try:
         qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
     return qc.get("quant_method") == "compressed-tensors" and "pack-quantized" in _formats(qc)
 
@@ -56,31 +119,20 @@ def affine_from_stored(name: str, stored: dict, args: dict) -> AffineInt:
 def load_pack_quantized(path: Path, dtype: torch.dtype = torch.float32):
     """A transformers model from a pack-quantized directory, each packed layer dequantized into its
     ``nn.Linear`` (what evaluation needs; the model is then an ordinary fp model)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from ..checkpoint.shards import read_weights
 
     path = Path(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    qc = config.quantization_config
-    if not isinstance(qc, dict):
-        qc = qc.to_dict()
+    config, qc = plain_config(path)
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
         raise ModelLoadError(f"{path}: quantization_status {status!r}; only 'compressed' checkpoints are read")
-    del config.quantization_config
-    tensors = read_weights(path)
-    names = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")})
-    for name in names:
-        stored = {k.rsplit(".", 1)[1]: tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == name
-                  and k.rsplit(".", 1)[1].startswith("weight_")}
-        tensors[name + ".weight"] = affine_from_stored(name, stored, _weights_args(qc, name)).dequantize()
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise ModelLoadError(f"{path}: tensors do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model.eval()
+
+    def read_layer(name, stored, shape):
+        if "weight_shape" not in stored or tuple(stored["weight_shape"].tolist()) != shape:
+            raise ModelLoadError(f"{path}: module {name}: weight_shape "
+                                 f"{stored['weight_shape'].tolist() if 'weight_shape' in stored else 'missing'}, "
+                                 f"the model's layer is {list(shape)}")
+        return affine_from_stored(name, stored, _weights_args(qc, name)).dequantize()
+
+    suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+    return model_with_layers(path, config, read_weights(path), dtype, "weight_packed", suffixes, read_layer)

@@ -123,11 +123,12 @@ def _check_complete(path, info: dict) -> None:
                          "they would be random — refusing to load it")
 
 
-def _is_pack_quantized(path: Path) -> bool:
-    """A compressed-tensors pack-quantized directory (read by ``onecomp.checkpoint.load``)."""
-    from ..export.pack_quantized import is_pack_quantized
+def _is_foreign(path: Path) -> bool:
+    """A directory another tool wrote in a layout ``onecomp.checkpoint.load`` imports (compressed-tensors
+    pack-quantized, classic GPTQ)."""
+    from ..checkpoint.io import foreign_reader
 
-    return is_pack_quantized(path)
+    return foreign_reader(path) is not None
 
 
 def load_model(source: str = "smollm2-135m", dtype: str = "float32", trust_remote_code: bool = False) -> LoadedModel:
@@ -145,7 +146,7 @@ def load_model(source: str = "smollm2-135m", dtype: str = "float32", trust_remot
                 raise ModelLoadError(f"GGUF file {path} does not exist")
             model, tok = _from_gguf(path, torch_dtype)
         elif path.is_dir():
-            if (path / "onecomp.json").exists() or _is_pack_quantized(path):
+            if (path / "onecomp.json").exists() or _is_foreign(path):
                 from ..checkpoint import load
 
                 model = load(path)  # checks every file against the manifest; code in a checkpoint never runs
