@@ -283,20 +283,29 @@ def test_onecomp_eval_reads_a_gptq_directory(exported_with_tokenizer, tmp_path, 
     assert ppl[out] == pytest.approx(ppl[ckpt], rel=1e-3)
 
 
-def test_the_harness_evaluates_a_saved_peer_checkpoint_through_onecomp_load(exported_with_tokenizer, tmp_path):
-    """benchmarks/peers: a runner's evaluation of the directory a peer saved is onecomp.load of it, in the
-    interpreter that has our onecomp, with the runners' own perplexity."""
+@pytest.mark.parametrize("target,importer", [("gptq", "load_gptq"), ("compressed-tensors", "load_pack_quantized")])
+def test_the_harness_evaluates_a_saved_peer_checkpoint_through_onecomp_load(exported_with_tokenizer, tmp_path,
+                                                                             target, importer):
+    """benchmarks/peers: a runner's evaluation of the directory a peer saved (GPTQ layout: gptqmodel,
+    auto-round; pack-quantized: llmcompressor) is onecomp.load of it, in the interpreter that has our
+    onecomp, with the runners' own perplexity."""
+    import argparse
+
     sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks" / "peers"))
     try:
         import peer_common
     finally:
         sys.path.pop(0)
-    _, out = exported_with_tokenizer
+    ckpt, _ = exported_with_tokenizer
+    out = export(ckpt, target, tmp_path / target)
     windows = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     inputs = tmp_path / "inputs.safetensors"
     save_file({"calib": windows.clone(), "eval/a": windows, "eval/b": windows.flip(1).contiguous()}, inputs)
-    result = peer_common.evaluate_saved(out, inputs, threads=1)
+    args = argparse.Namespace(threads=torch.get_num_threads(), name="w4", setting={"bits": 4}, inputs=str(inputs),
+                              out=str(tmp_path / "run"))
+    run = peer_common.Run("a-peer", args, [])
+    run.evaluate_saved(out)
     model = onecomp.load(out)
     for text, w in {"a": windows, "b": windows.flip(1)}.items():
-        assert result["ppl"][text] == pytest.approx(peer_common.perplexity(model, w), rel=1e-6)
-    assert result["loader"] == "onecomp.load" and result["importer"] == "load_gptq"
+        assert run.row["ppl"][text] == pytest.approx(peer_common.perplexity(model, w), rel=1e-6)
+    assert run.row["saved_eval"]["loader"] == "onecomp.load" and run.row["saved_eval"]["importer"] == importer
