@@ -221,6 +221,8 @@ HOSTILE = [
     (lambda t: t.update({"model.layers.0.mlp.nope.qweight": t[f"{LAYER}.qweight"].clone()}),
      r"model.layers.0.mlp.nope.qweight belongs to no linear layer"),
     (lambda t: t.pop("model.norm.weight"), r"missing \['model.norm.weight'\]"),
+    (_set("model.norm.weight", lambda w: w[:-1].contiguous()), r"model.norm.weight \[63\] \(the model's is \[64\]\)"),
+    (lambda t: t.update({f"{LAYER}.weight": torch.zeros(64, 64)}), rf"unexpected \['{LAYER}.weight'\]"),
 ]
 
 
@@ -229,7 +231,7 @@ def test_hostile_tensors_are_refused_naming_module_and_tensor(exported, tmp_path
     bad = _edit_tensors(exported, tmp_path / "bad", change)
     with pytest.raises(ModelLoadError, match=message) as info:
         onecomp.load(bad)
-    if "nope" not in message and "norm" not in message:  # a tensor of the layer: module and tensor are named
+    if "nope" not in message and "norm" not in message and "unexpected" not in message:  # module and tensor named
         assert f"module {LAYER}: tensor " in str(info.value)
 
 
@@ -247,6 +249,22 @@ def test_settings_outside_the_layout_are_refused(exported, tmp_path, setting, va
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match=message):
         onecomp.load(bad)
+
+
+def test_every_tensor_is_checked_before_the_model_is_allocated(exported, tmp_path, monkeypatch):
+    """A bad last layer fails with only the meta-device skeleton built: nothing allocated, nothing unpacked."""
+    import transformers
+
+    built, real = [], transformers.AutoModelForCausalLM.from_config
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        lambda *a, **k: built.append(str(torch.get_default_device())) or real(*a, **k))
+    last = "model.layers.1.mlp.down_proj"
+    bad = _edit_tensors(exported, tmp_path / "bad", _set(f"{last}.g_idx", lambda g: g + 100))
+    with pytest.raises(ModelLoadError, match=f"module {last}: tensor g_idx holds groups"):
+        onecomp.load(bad)
+    assert built == ["meta"]
+    onecomp.load(exported)
+    assert built == ["meta", "meta", "cpu"]
 
 
 def test_act_order_without_g_idx_is_refused(exported, tmp_path):

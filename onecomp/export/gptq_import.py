@@ -76,40 +76,45 @@ def _expect(where: str, stored: dict, key: str, shape: tuple, integer: bool) -> 
     return t
 
 
-def affine_from_gptq(where: str, stored: dict, shape: tuple[int, int], bits: int, group_size: int,
-                     zero_offset: int, act_order: bool = False) -> AffineInt:
-    """An AffineInt from one layer's qweight / qzeros / scales / g_idx, checked against its ``(out, in)``
-    shape first. A v1 zero is the stored code plus one, modulo 2^bits (as our exporter writes it)."""
+def check_gptq_layer(where: str, stored: dict, shape: tuple[int, int], bits: int, group_size: int,
+                     act_order: bool = False) -> int:
+    """Check one layer's qweight / qzeros / scales / g_idx against its ``(out, in)`` shape and the settings,
+    before anything is unpacked; the columns per group of its static groups (unused with a g_idx)."""
     out, inp = shape
     scales = stored.get("scales")
     if scales is None or scales.dim() != 2 or scales.shape[0] < 1:
         raise ModelLoadError(f"{where}: tensor scales is {'missing' if scales is None else list(scales.shape)}, "
                              f"the layer needs [groups, {out}]")
     groups = scales.shape[0]
-    static = groups == 1 or (group_size > 0 and groups == math.ceil(inp / group_size))
     _expect(where, stored, "scales", (groups, out), integer=False)
     if not bool(torch.isfinite(scales).all()):
         raise ModelLoadError(f"{where}: tensor scales holds non-finite values")
-    qweight = _expect(where, stored, "qweight", (math.ceil(inp * bits / 32), out), integer=True)
-    qzeros = _expect(where, stored, "qzeros", (groups, math.ceil(out * bits / 32)), integer=True)
+    _expect(where, stored, "qweight", (math.ceil(inp * bits / 32), out), integer=True)
+    _expect(where, stored, "qzeros", (groups, math.ceil(out * bits / 32)), integer=True)
     g_idx = stored.get("g_idx")
     if g_idx is not None:
         if tuple(g_idx.shape) != (inp,) or g_idx.is_floating_point() or g_idx.is_complex():
             raise ModelLoadError(f"{where}: tensor g_idx is {g_idx.dtype} {list(g_idx.shape)}, the layer needs "
                                  f"integer [{inp}]")
-        g_idx = g_idx.long()
         if inp and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
             raise ModelLoadError(f"{where}: tensor g_idx holds groups {int(g_idx.min())}..{int(g_idx.max())}, "
                                  f"scales has {groups}")
     elif act_order:
         raise ModelLoadError(f"{where}: tensor g_idx is missing, and desc_act is set")
-    elif not static:
+    elif groups > 1 and not (group_size > 0 and groups == math.ceil(inp / group_size)):
         raise ModelLoadError(f"{where}: tensor g_idx is missing, and {groups} groups of scales do not follow "
                              f"from group_size {group_size} over {inp} inputs")
-    size = inp if groups == 1 else (group_size if group_size > 0 else math.ceil(inp / groups))
-    q = unpack_rows(qweight.T.contiguous(), inp, bits)  # [out, in]
-    zeros = (unpack_rows(qzeros, out, bits) + zero_offset) & (2**bits - 1)  # [G, out]
-    return AffineInt(bits, size, q, zeros.T, scales.T, g_idx)
+    return inp if groups == 1 else (group_size if group_size > 0 else math.ceil(inp / groups))
+
+
+def affine_from_gptq(stored: dict, shape: tuple[int, int], bits: int, group_size: int, zero_offset: int) -> AffineInt:
+    """An AffineInt from one layer's tensors, checked by ``check_gptq_layer`` (``group_size`` what it returned).
+    A v1 zero is the stored code plus one, modulo 2^bits (as our exporter writes it)."""
+    out, inp = shape
+    g_idx = stored.get("g_idx")
+    q = unpack_rows(stored["qweight"].T.contiguous(), inp, bits)  # [out, in]
+    zeros = (unpack_rows(stored["qzeros"], out, bits) + zero_offset) & (2**bits - 1)  # [G, out]
+    return AffineInt(bits, group_size, q, zeros.T, stored["scales"].T, None if g_idx is None else g_idx.long())
 
 
 def load_gptq(path: Path, dtype: torch.dtype = torch.float32):
@@ -123,8 +128,8 @@ def load_gptq(path: Path, dtype: torch.dtype = torch.float32):
     act_order = bool(qc.get("desc_act", False))
     config, _ = plain_config(path)
 
-    def read_layer(name, stored, shape):
-        where = f"{path}: module {name}"
-        return affine_from_gptq(where, stored, shape, bits, group_size, zero_offset, act_order).dequantize()
+    def check_layer(name, stored, shape):
+        size = check_gptq_layer(f"{path}: module {name}", stored, shape, bits, group_size, act_order)
+        return lambda: affine_from_gptq(stored, shape, bits, size, zero_offset).dequantize()
 
-    return model_with_layers(path, config, read_weights(path), dtype, "qweight", SUFFIXES, read_layer)
+    return model_with_layers(path, config, read_weights(path), dtype, "qweight", SUFFIXES, check_layer)

@@ -34,38 +34,45 @@ def plain_config(path: Path):
 
 
 def model_with_layers(path: Path, config, tensors: dict, dtype: torch.dtype, marker: str, suffixes: tuple,
-                      read_layer: Callable) -> torch.nn.Module:
-    """A transformers model of ``config`` holding ``tensors``: each module with a ``{name}.{marker}`` tensor
-    gets ``read_layer(name, stored, (out, in))`` as its weight, ``stored`` being its tensors named in
-    ``suffixes``; any tensor too many or too few is a ModelLoadError, never a random weight."""
+                      check_layer: Callable) -> torch.nn.Module:
+    """A transformers model of ``config`` holding ``tensors``. Each module with a ``{name}.{marker}`` tensor
+    is a packed layer: ``check_layer(name, stored, (out, in))`` checks its tensors (those named in
+    ``suffixes``) and returns the function that dequantizes them into its weight. Every layer and every
+    other tensor is checked against the model's shapes (built on the meta device) before the model is
+    allocated or anything unpacked; a tensor too many, too few or of another shape is a ModelLoadError."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    placed = []
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = {}
     for key in sorted(k for k in tensors if k.endswith("." + marker)):
         name = key[: -len(marker) - 1]
         try:
-            linear = model.get_submodule(name)
+            linear = skeleton.get_submodule(name)
         except AttributeError:
             linear = None
         if not isinstance(linear, torch.nn.Linear):
             raise ModelLoadError(f"{path}: tensor {key} belongs to no linear layer of the model config.json describes")
         stored = {s: tensors.pop(f"{name}.{s}") for s in suffixes if f"{name}.{s}" in tensors}
-        W = read_layer(name, stored, (linear.out_features, linear.in_features))
-        with torch.no_grad():
-            linear.weight.copy_(W)
-        placed.append(name + ".weight")
-    try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
-    except RuntimeError as exc:  # a tensor of the wrong shape
-        raise ModelLoadError(f"{path}: tensors do not match the model: {exc}") from None
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        layers[name] = check_layer(name, stored, (linear.out_features, linear.in_features))
+    shapes = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
     ties = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in missing
-               if k not in placed and k not in tied and not (k.endswith("lm_head.weight") and ties)]
-    if missing or unexpected:
+    optional = set(getattr(skeleton, "_tied_weights_keys", None) or []) | {k for k in shapes if ties and
+                                                                            k.endswith("lm_head.weight")}
+    del skeleton
+    placed = {name + ".weight" for name in layers}
+    missing = [k for k in shapes if k not in tensors and k not in placed and k not in optional]
+    unexpected = [k for k in tensors if k not in shapes or k in placed]
+    wrong = [f"{k} {list(t.shape)} (the model's is {list(shapes[k])})" for k, t in tensors.items()
+             if k in shapes and tuple(t.shape) != shapes[k]]
+    if missing or unexpected or wrong:
         raise ModelLoadError(f"{path}: tensors do not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+                             f"unexpected {unexpected[:5]}, of another shape {wrong[:5]}")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(tensors, strict=False)
+    with torch.no_grad():
+        for name, dequantize in layers.items():
+            model.get_submodule(name).weight.copy_(dequantize())
     if ties:
         model.tie_weights()
     model.config.use_cache = False
@@ -127,12 +134,13 @@ def load_pack_quantized(path: Path, dtype: torch.dtype = torch.float32):
     if status != "compressed":
         raise ModelLoadError(f"{path}: quantization_status {status!r}; only 'compressed' checkpoints are read")
 
-    def read_layer(name, stored, shape):
+    def check_layer(name, stored, shape):
         if "weight_shape" not in stored or tuple(stored["weight_shape"].tolist()) != shape:
             raise ModelLoadError(f"{path}: module {name}: weight_shape "
                                  f"{stored['weight_shape'].tolist() if 'weight_shape' in stored else 'missing'}, "
                                  f"the model's layer is {list(shape)}")
-        return affine_from_stored(name, stored, _weights_args(qc, name)).dequantize()
+        args = _weights_args(qc, name)
+        return lambda: affine_from_stored(name, stored, args).dequantize()
 
     suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
-    return model_with_layers(path, config, read_weights(path), dtype, "weight_packed", suffixes, read_layer)
+    return model_with_layers(path, config, read_weights(path), dtype, "weight_packed", suffixes, check_layer)
