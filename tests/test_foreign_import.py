@@ -239,6 +239,7 @@ def test_hostile_tensors_are_refused_naming_module_and_tensor(exported, tmp_path
     ("bits", 5, "GPTQ bits 5; 2, 3, 4, 8 are read"),
     ("checkpoint_format", "marlin", "checkpoint_format 'marlin'; gptq, gptq_v2 are read"),
     ("group_size", "32", "group_size '32' is not"),
+    ("group_size", 0, "group_size 0 is not a positive integer or -1"),
     ("pack_dtype", "int16", "pack_dtype 'int16'"),
 ])
 def test_settings_outside_the_layout_are_refused(exported, tmp_path, setting, value, message):

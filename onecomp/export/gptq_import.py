@@ -23,9 +23,10 @@ SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def gptq_config(path: Path) -> dict | None:
-    """The GPTQ quantization settings of a directory: ``quantize_config.json`` under config.json's
-    ``quantization_config`` when that declares ``quant_method = "gptq"``; None for any other directory
-    (a OneComp checkpoint's config declares gptq too, with an ``onecomp`` entry: it is not one)."""
+    """The GPTQ settings of a directory: config.json's ``quantization_config`` when it declares
+    ``quant_method = "gptq"`` (over ``quantize_config.json``, which fills in what it lacks), else
+    ``quantize_config.json`` alone when config.json has no block; None for any other directory. A OneComp
+    checkpoint's block declares gptq too, with an ``onecomp`` entry: it is not one."""
     path = Path(path)
     try:
         cfg = json.loads((path / "config.json").read_text())
@@ -52,7 +53,7 @@ def _settings(path: Path, qc: dict) -> tuple[int, int, int]:
     bits, group_size = qc.get("bits"), qc.get("group_size", -1)
     if bits not in BITS:
         raise ModelLoadError(f"{path}: GPTQ bits {bits!r}; {', '.join(map(str, BITS))} are read")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < -1:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size == 0 or group_size < -1:
         raise ModelLoadError(f"{path}: GPTQ group_size {group_size!r} is not a positive integer or -1")
     fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
     if fmt not in ZERO_OFFSET:
