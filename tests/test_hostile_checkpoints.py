@@ -269,11 +269,13 @@ def test_random_manifests_load_or_raise_a_checkpoint_error(pristine, tmp_path_fa
         manifest = data.draw(json_values)
     else:
         for _ in range(data.draw(st.integers(1, 3))):
-            target = manifest
-            module = data.draw(st.sampled_from(sorted(manifest["modules"])))
+            modules = manifest.get("modules")
+            if not isinstance(modules, dict) or not modules:  # an earlier edit replaced them
+                break
+            entry = modules[data.draw(st.sampled_from(sorted(modules)))]
             where = data.draw(st.sampled_from(["top", "files", "module", "params"]))
-            target = {"top": manifest, "files": manifest["files"], "module": manifest["modules"][module],
-                      "params": manifest["modules"][module].get("params", {})}[where]
+            target = {"top": manifest, "files": manifest.get("files"), "module": entry,
+                      "params": entry.get("params", {}) if isinstance(entry, dict) else None}[where]
             if not isinstance(target, dict):
                 continue
             key = data.draw(st.sampled_from(sorted(target) + ["extra"]) if target else st.just("extra"))
