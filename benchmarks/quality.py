@@ -39,12 +39,16 @@ def binary(kind: str, bpw: float) -> dict:
 # AutoBit's candidates: GPTQ with the min-max grid (the uniform -minmax rows' settings) at 2/3/4/8 bits
 # × g64/g128/per channel
 AUTOBIT_CANDIDATES = [q("gptq", bits=b, group_size=g, mse=False) for b in (2, 3, 4, 8) for g in (64, 128, -1)]
+# "-near": only the budget's bit width and the next one up, where a second-order cost is still a fair
+# guide (it prices small changes, and 2-bit layers are not small changes)
+AUTOBIT_NEAR = {3: [q("gptq", bits=b, group_size=g, mse=False) for b in (3, 4) for g in (64, 128, -1)],
+                4: [q("gptq", bits=b, group_size=g, mse=False) for b in (4, 8) for g in (64, 128, -1)]}
 
 
-def autobit(budget: dict, quantizer: dict | None = None, cost: str = "activation") -> dict:
+def autobit(budget: dict, quantizer: dict | None = None, cost: str = "activation", candidates=None) -> dict:
     """An AutoBit plan with ``cost``; with ``quantizer`` and no budget, at exactly the stored bits of that
     uniform setting."""
-    return {"planner": {"name": "autobit", "candidates": AUTOBIT_CANDIDATES, "cost": cost, **budget},
+    return {"planner": {"name": "autobit", "candidates": candidates or AUTOBIT_CANDIDATES, "cost": cost, **budget},
             **({"quantizer": quantizer} if quantizer else {})}
 
 
@@ -60,6 +64,9 @@ SETTINGS = {
        for qep_tag, qep in (("", []), ("+qep", [{"name": "qep"}]))
        for budget_tag, budget, quantizer in (("w3g128", {}, W3G128_MINMAX), ("w4g128", {}, W4G128_MINMAX),
                                              ("2.5", {"target_bpw": 2.5}, None))},
+    **{f"autobit-fisher-near{qep_tag}-w{b}g128": {"plan": autobit({}, quantizer, "fisher", AUTOBIT_NEAR[b]), "refiners": qep}
+       for b, quantizer in ((3, W3G128_MINMAX), (4, W4G128_MINMAX))
+       for qep_tag, qep in (("", []), ("+qep", [{"name": "qep"}]))},
     # round to nearest (no calibration data)
     "rtn-w4g128": {"quantizer": q("rtn", bits=4, group_size=128)},
     "rtn-w3g128": {"quantizer": q("rtn", bits=3, group_size=128)},
