@@ -125,6 +125,11 @@ SETTINGS = {
        for tag, kw in (("w4g128", dict(bits=4, group_size=128)), ("w3g128", dict(bits=3, group_size=128)),
                        ("w3pc", dict(bits=3, group_size=-1, mse=False)), ("w2g64", dict(bits=2, group_size=64, mse=False)))
        for pre, qep in (("", []), ("+qep", [{"name": "qep"}]))},
+    # "-o": LPCD's residual submodule without down_proj (skip, as QEP skips it by default)
+    **{f"gptq{pre}+lpcd-o-w3g128": {"quantizer": q("gptq", bits=3, group_size=128),
+                                    "refiners": [*qep, {"name": "lpcd", "quantizer": q("gptq", bits=3, group_size=128),
+                                                        "skip": ["mlp.down_proj"]}]}
+       for pre, qep in (("", []), ("+qep", [{"name": "qep"}]))},
     # binary factorization (needs onecomp-mdbf), layer-wise only: DBF is one term with a rank-1
     # envelope; the mdbf-l2 rows spend the same bits on a rank-2 envelope; mdbf-1.5 is the plugin's
     # defaults (two rank-1 terms)

@@ -256,3 +256,14 @@ def test_config_is_validated():
     assert LPCDConfig().submodules == ["residual"] and LPCDConfig().alpha == 0.5
     lpcd = LPCD(LPCDConfig(submodules=["residual", "qk", "updown"]))
     assert [p[0] for p in lpcd.problems()] == ["qk:attn", "residual:mid", "residual:out", "updown:out"]
+
+
+def test_skipped_layers_keep_the_pivots_weights(tmp_path):
+    model = pivot(GPTQ3)
+    before = weights(model)
+    details = run_lpcd(model, quantizer=GPTQ3, skip=["mlp.down_proj"], work_dir=tmp_path)
+    steps = [s for b in details["blocks"] for s in b["steps"]]
+    assert steps and {s["layer"] for s in steps} == {"self_attn.o_proj"}
+    after = weights(model)
+    assert all(torch.equal(before[n], after[n]) for n in before if n.endswith("down_proj"))
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.endswith("o_proj"))

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from onecomp import LayerTask, Refiner, in_range, one_of, replace_module, stored_bits
+from onecomp import LayerTask, Refiner, in_range, matches, one_of, replace_module, stored_bits
 from onecomp.calibration import StatsCollector, first_block_inputs, propagate_, run_block, stages_supported
 from onecomp.checkpoint import BlockStore, QuantLinear
 
@@ -80,6 +80,8 @@ class LPCDConfig:
     sample_damp: float = attrs.field(default=1.0, validator=in_range(0, None))  # λ ≥ this · in / N, as QEP
     #: the projection: a registered quantizer and its config; must not store more bits than the layer has
     quantizer: dict = attrs.field(factory=lambda: {"name": "gptq"}, validator=_check_quantizer)
+    #: layers left as the pivot has them (name suffixes such as "mlp.down_proj", or "re:<regex>")
+    skip: list = attrs.Factory(list)
 
 
 def _damped_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
@@ -250,7 +252,8 @@ class LPCD(Refiner):
         t0 = time.perf_counter()
         steps = []
         for label, layers, point in self.problems():
-            present = [rel for rel in layers if isinstance(block.get_submodule(rel), QuantLinear)]
+            present = [rel for rel in layers if isinstance(block.get_submodule(rel), QuantLinear)
+                       and not matches(f"{prefix}.{rel}", self.config.skip)]
             for s in range(self.config.steps):
                 for rel in present:
                     closed = self.config.relax == "closed_form" and (rel, point) in QUADRATIC
