@@ -189,7 +189,8 @@ def run_setting(key: str, output: str | None = None) -> dict:
     stages = result["stages"]
     row = {"setting": key, "config": {k: v for k, v in config.items() if k in ("plan", "refiners", "calibration")},
            "ppl": stages[0]["ppl"], "bits_per_weight": stages[0]["bits"]["bits_per_weight"],
-           "quant_seconds": stages[0]["seconds"], "peak_rss_mb": stages[0]["peak_rss_mb"], "env": environment()}
+           "quant_seconds": stages[0]["seconds"], "peak_rss_mb": stages[0]["peak_rss_mb"], "env": environment(),
+           **({"plan_seconds": result["plan_seconds"]} if result.get("plan_seconds") and setting.get("plan") else {})}
     if len(stages) > 1:  # later stages: ppl, bits, time and memory of each, in order
         row["stages"] = [{"name": s["name"], "ppl": s["ppl"], "bits_per_weight": s["bits"]["bits_per_weight"],
                           "seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], **d}
@@ -228,6 +229,8 @@ def table() -> str:
             lines.append(f"| {label} | {fmt(s['bits_per_weight'], 3)} | {fmt(s['ppl'][TEXTS[0]])} | "
                          f"{fmt(s['ppl'][TEXTS[1]])} | {fmt(s['seconds'], 0)} | {fmt(s['peak_rss_mb'], 0)} |")
     notes = [f"- {k}: {data[k]['note']}" for k in sorted(data) if data[k].get("note")]
+    notes += [f"- {k}: planning took {data[k]['plan_seconds']:.0f} s before the layer-wise stage (statistics "
+              "captured for the planner, costs, solve)" for k in sorted(data) if data[k].get("plan_seconds")]
     lines += ["", "Quant time is each stage's wall time (the layer-wise stage unless a stage is named); most rows were measured while other jobs shared "
               "the 2 cores, so compare times only within a controlled run.", "", *notes]
     text = "\n".join(lines) + "\n"

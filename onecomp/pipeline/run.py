@@ -249,7 +249,9 @@ def _run_in(cfg: PipelineConfig, registry, out: Path, state: dict, backend, devi
         inspection = inspect_model(model)
     calib = calibration_windows(tok, cfg.calibration.corpus, cfg.calibration.samples, cfg.calibration.seq_len,
                                 cfg.calibration.seed)
+    t_plan = time.perf_counter()
     plan = make_plan(registry.create(cfg.planner), inspection, cfg, registry, model, calib, backend, progress)
+    state["plan_seconds"] = time.perf_counter() - t_plan  # planning (and what it captures), not in any stage's time
     run_info = RunInfo(config=cfg.raw, out_dir=out, model=cfg.model.id,
                        plan={k: v.to_dict() for k, v in plan.items()})
     registry.hook.on_run_start(run=run_info)
@@ -320,7 +322,7 @@ def _run_in(cfg: PipelineConfig, registry, out: Path, state: dict, backend, devi
         return {"model": cfg.model.id, "output": str(out), "leader": False}  # rank 0 writes and reports
     total = time.perf_counter() - t_run
     result = {"model": cfg.model.id, "output": str(out), "before": state["before"], "stages": state["stages"],
-              "seconds_this_session": total}
+              "plan_seconds": state.get("plan_seconds"), "seconds_this_session": total}
     for s in result["stages"]:
         s["bits"]["dense_bits_per_weight"] = state.get("before_bits", {}).get("dense_bits_per_weight")
     write_json(out / "report.json", result)
