@@ -130,11 +130,13 @@ class LoRDBAFormat(LowRankFormat):
         return A, B
 
     def delta(self, f, x):
-        """``u_B ⊙ S_B((v_B ⊙ u_A) ⊙ S_A(v_A ⊙ x))``: two sign matmuls, channel scaling around them."""
+        """``u_B ⊙ S_B((v_B ⊙ u_A) ⊙ S_A(v_A ⊙ x))``: two sign matmuls, channel scaling around them. The
+        outer scales v_A and u_B go onto the small sign matrices ([r, in] and [out, r]) rather than onto
+        the activations ([tokens, in] and [tokens, out]): the same product, less work per token."""
         dt = x.dtype
-        h = (x * f["v_A"].to(dt)) @ f["S_A"].to(dt).T  # [.., r]
+        h = x @ (f["S_A"].to(dt) * f["v_A"].to(dt)).T  # [.., r]
         h = h * (f["v_B"].to(dt) * f["u_A"].to(dt))
-        return (h @ f["S_B"].to(dt).T) * f["u_B"].to(dt)
+        return h @ (f["S_B"].to(dt) * f["u_B"].to(dt)[:, None]).T
 
     def linear(self, x, stored, shape, bias=None):
         fields = self.unpack(stored, shape, dtype=x.dtype)  # signs straight into x's dtype: one gather each
