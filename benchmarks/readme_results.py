@@ -128,8 +128,8 @@ def _inference_line() -> str | None:
     q, fp32, bf16 = rows.get("checkpoint"), rows.get("float32"), rows.get("bfloat16")
     if not (q and fp32 and bf16):
         return None
-    what = r.get("checkpoint_note", "").split(":")[0] or "4-bit"
-    return (f"Running compressed ([inference.md](benchmarks/results/inference.md)): the {what} checkpoint loaded by "
+    what = r.get("checkpoint_note", "").split(":")[0] or "a 4-bit one"
+    return (f"Running compressed ([inference.md](benchmarks/results/inference.md)): the checkpoint of {what}, loaded by "
             f"`onecomp.load` adds {q['rss_added_mib'] / fp32['rss_added_mib']:.2f}× the fp32 model's resident memory "
             f"({fmt(q['rss_added_mib'], 0)} / {fmt(fp32['rss_added_mib'], 0)} MiB) and decodes "
             f"{q['decode_tokens_per_s'] / fp32['decode_tokens_per_s']:.2f}× as many tokens/s as fp32 and "
