@@ -120,7 +120,7 @@ class LoRDBAFormat(LowRankFormat):
                 **{k: self._half(fields[k], k) for k in self.trainable}}
 
     def unpack(self, stored, shape, dtype=torch.int8):
-        n, m, r = shape[0], shape[1], self.params.rank
+        m, r = shape[1], self.params.rank
         return {"S_A": unpack_signs(stored["S_A_bits"], m, dtype), "S_B": unpack_signs(stored["S_B_bits"], r, dtype),
                 **{k: stored[k] for k in self.trainable}}
 
