@@ -119,9 +119,10 @@ def test_upper_gram_accumulation_equals_the_full_product_and_is_exactly_symmetri
         X = torch.randn(40, d, generator=g) * torch.exp(torch.randn(d, generator=g))
         add_gram_upper_(H, X, tile)
         full.addmm_(X.T, X)
-    mirror_upper_(H)
+    upper = torch.triu(H)
+    mirror_upper_(H, tile)
     torch.testing.assert_close(H, full, rtol=1e-5, atol=1e-5)
-    assert torch.equal(H, H.T)
+    assert torch.equal(H, H.T) and torch.equal(torch.triu(H), upper)  # the upper triangle is kept exactly
 
 
 def test_stats_collector_keeps_only_what_is_needed():

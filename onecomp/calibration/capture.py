@@ -95,10 +95,16 @@ def add_gram_upper_(H: torch.Tensor, X: torch.Tensor, tile: int = 256) -> torch.
     return H
 
 
-def mirror_upper_(H: torch.Tensor) -> torch.Tensor:
-    """Make ``H`` exactly symmetric from its upper triangle (diagonal included)."""
-    upper = torch.triu(H)
-    return H.copy_(upper + torch.triu(upper, 1).T)
+def mirror_upper_(H: torch.Tensor, tile: int = 256) -> torch.Tensor:
+    """Make ``H`` exactly symmetric from its upper triangle (diagonal included), in place, tile by tile:
+    no full-size temporary."""
+    d = H.shape[0]
+    for i in range(0, d, tile):
+        j = min(i + tile, d)
+        D = H[i:j, i:j]
+        D.copy_(torch.triu(D) + torch.triu(D, 1).T)
+        H[j:, i:j] = H[i:j, j:].T
+    return H
 
 
 class StatsCollector:
@@ -145,11 +151,13 @@ class StatsCollector:
         if "samples" in self.needs and distributed.active():  # rank order is batch order (contiguous shares)
             samples = [s for part in distributed.all_gather(samples) for s in part]
         samples = torch.cat(samples)[: self.max_samples] if samples else None
+        H, cross, sq = self.H, self.cross, self.sq
+        self.H = self.cross = self.sq = None  # the float64 sums go as soon as their float32 results exist
         return LayerStats(
             n_tokens=total,
-            H=mirror_upper_(self.H).mul_(2 / n).float() if self.H is not None else None,
-            cross=self.cross.mul_(2 / n).float() if self.cross is not None else None,
-            diag=(self.sq / n).float() if self.sq is not None else None,
+            H=mirror_upper_(H).mul_(2 / n).float() if H is not None else None,
+            cross=cross.mul_(2 / n).float() if cross is not None else None,
+            diag=(sq / n).float() if sq is not None else None,
             samples=samples,
         )
 

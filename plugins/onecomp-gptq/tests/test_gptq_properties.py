@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from onecomp import LayerStats, LayerTask, Registry
+from onecomp import FormatError, LayerStats, LayerTask, Registry
 from onecomp_gptq import GPTQFormat, fake_quantize, find_params, gptq_quantize
 from onecomp_gptq.format import GPTQParams
 from onecomp_gptq.quantizers import GPTQ, RTN, GPTQConfig, RTNConfig, rtn_quantize
@@ -259,3 +259,42 @@ def test_layers_sharing_a_hessian_factor_it_once_with_the_same_result(layer, mon
     other = LayerTask(name="o", W=W, stats=LayerStats(n_tokens=X.shape[0], H=hessian(X[:2000])))
     shared.quantize(other)
     assert len(calls) == 1 + 1 + 3  # a new H is factored again (plus one per fresh quantizer above)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+@pytest.mark.parametrize("shrink", [0.0, 0.5])
+def test_in_place_hessian_factor_equals_the_reference_factorisation(act_order, shrink):
+    """The CPU path factors one float64 copy of H in place with LAPACK; it must give U with UᵀU equal to
+    the inverse of the permuted, shrunk, damped H, as the plain torch route does."""
+    from onecomp_gptq.quantizers import hessian_factor, inverse_cholesky_upper
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(300, 90, generator=g) * torch.exp(torch.randn(90, generator=g))
+    X[:, 7] = 0  # a dead column
+    H = X.T @ X / 300
+    dead, perm, U = hessian_factor(H, act_order, 0.01, shrink)
+    ref = H.double()
+    ref[7, 7] = 1
+    diag = ref.diagonal().clone()
+    ref.mul_(1 - shrink).diagonal().copy_(diag)
+    if act_order:
+        assert torch.equal(perm, torch.argsort(diag, descending=True, stable=True))
+        ref = ref[perm][:, perm]
+    else:
+        assert perm is None
+    ref.diagonal().add_(0.01 * diag.mean())
+    assert dead.tolist() == [i == 7 for i in range(90)]
+    assert torch.equal(U, U.triu())
+    torch.testing.assert_close(U, inverse_cholesky_upper(ref).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(U.double().T @ U.double(), torch.linalg.inv(ref), rtol=1e-4, atol=1e-6)
+
+
+def test_hessian_factor_retries_with_more_damping_on_the_in_place_path():
+    from onecomp_gptq.quantizers import hessian_factor
+
+    X = torch.randn(4, 12, generator=torch.Generator().manual_seed(0))
+    info = {}
+    _, _, U = hessian_factor(X.T @ X, True, 0.0, 0.0, info)  # rank 4: singular without damping
+    assert info == {"damp": 1e-06, "damp_retries": 1} and torch.isfinite(U).all()
+    with pytest.raises(FormatError, match="not positive definite"):
+        hessian_factor(-torch.eye(6), True, 0.01, 0.0)

@@ -112,6 +112,23 @@ def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
 
 
+def _inverse_cholesky_upper_inplace(B: torch.Tensor) -> torch.Tensor | None:
+    """``inverse_cholesky_upper`` of H for ``B = J·H·J`` (H flipped, float64, CPU), as float32, written
+    over B by LAPACK in place: one float64 copy of H instead of six. None when H is not positive definite."""
+    from scipy.linalg import lapack
+
+    F = B.numpy().T  # B is symmetric: its Fortran-ordered view is B itself, which LAPACK factors in place
+    L, info = lapack.dpotrf(F, lower=1, clean=1, overwrite_a=1)
+    if info != 0:
+        return None
+    Linv, info = lapack.dtrtri(L, lower=1, overwrite_c=1)
+    if info != 0:
+        return None
+    U = np.empty(F.shape, dtype=np.float32)
+    np.copyto(U, Linv[::-1, ::-1], casting="same_kind")  # U = J·L̃⁻¹·J
+    return torch.from_numpy(U)
+
+
 def _quantize_column(w, q, err, scale, zero, maxq: int, d: float, on_cpu: bool) -> None:
     """One GPTQ column step, written into the rows ``q`` (codes) and ``err`` ((w − ŵ)/d).
 
@@ -144,27 +161,47 @@ def hessian_factor(H: torch.Tensor, act_order: bool = True, damp: float = 0.01, 
     damped H⁻¹. Layers fed by one input (q/k/v, gate/up) share it.
 
     An H that is not positive definite after damping is retried with the damping ×10 (from 1e-6 when
-    it was 0), up to DAMP_RETRIES times; ``info`` receives ``damp`` and ``damp_retries`` when that happened."""
-    H = H.clone().double()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    if shrink > 0:
-        diag_H = H.diagonal().clone()
-        H.mul_(1 - shrink).diagonal().copy_(diag_H)
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        H = H[perm][:, perm]
-    if not bool(torch.isfinite(H).all()):
+    it was 0), up to DAMP_RETRIES times; ``info`` receives ``damp`` and ``damp_retries`` when that happened.
+    The work is in float64; on CPU it holds one float64 copy of H (down_proj's H is the largest matrix
+    the layer-wise stage keeps)."""
+    diag_H = H.diagonal().double()
+    dead = diag_H == 0
+    diag_H[dead] = 1
+    perm = torch.argsort(diag_H, descending=True, stable=True) if act_order else None
+    order = perm if perm is not None else torch.arange(H.shape[0], device=H.device)
+    flip = order.flip(0)  # the Cholesky below works on J·H·J: permuted and flipped in one gather
+
+    def permuted(reverse: bool) -> torch.Tensor:
+        idx = flip if reverse else order
+        B = torch.empty(H.shape, dtype=torch.float64, device=H.device)
+        for i in range(0, H.shape[0], 512):  # row tiles: no full-size float32 temporary
+            B[i:i + 512] = H[idx[i:i + 512]][:, idx]
+        if shrink > 0:
+            B.mul_(1 - shrink)
+        B.diagonal().copy_(diag_H[idx])
+        return B
+
+    # a float64 sum of float32-range values cannot overflow: it is non-finite exactly when some entry is,
+    # and unlike isfinite(H) it allocates nothing
+    if not bool(torch.isfinite(H.sum(dtype=torch.float64))):
         raise FormatError("the Hessian holds NaN or Inf values (non-finite calibration activations)")
-    mean = torch.mean(torch.diag(H))
+    in_place = H.device.type == "cpu"
+    B = permuted(reverse=in_place)
+    mean = diag_H.mean()
     for retry in range(DAMP_RETRIES + 1):
-        damped = H.clone() if retry < DAMP_RETRIES else H
+        if retry:
+            B = permuted(reverse=in_place)
         if damp > 0:
-            damped.diagonal().add_(damp * mean)
-        try:
-            U = inverse_cholesky_upper(damped)
-        except torch.linalg.LinAlgError:
+            B.diagonal().add_(damp * mean)
+        if in_place:
+            U = _inverse_cholesky_upper_inplace(B)
+        else:
+            try:
+                U = inverse_cholesky_upper(B).float()
+            except torch.linalg.LinAlgError:
+                U = None
+        del B
+        if U is None:
             if retry == DAMP_RETRIES:
                 raise FormatError(f"the Hessian is not positive definite even with damping {damp:g} "
                                   f"(after {DAMP_RETRIES} retries)") from None
@@ -172,7 +209,7 @@ def hessian_factor(H: torch.Tensor, act_order: bool = True, damp: float = 0.01, 
             continue
         if retry and info is not None:
             info.update(damp=damp, damp_retries=retry)
-        return dead, perm, U.float()
+        return dead, perm, U
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = False,
@@ -278,7 +315,7 @@ class GPTQ(Quantizer):
         c = self.config
         H = task.stats.H
         if self._factor is None or self._factor[0] is not H:  # q/k/v (and gate/up) share one LayerStats
-            retried = {}
+            self._factor, retried = None, {}  # the last group's factor goes before this one is made
             try:
                 self._factor = (H, hessian_factor(H, c.act_order, c.damp, c.shrink, retried), retried)
             except FormatError as exc:
