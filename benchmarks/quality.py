@@ -45,10 +45,12 @@ AUTOBIT_NEAR = {3: [q("gptq", bits=b, group_size=g, mse=False) for b in (3, 4) f
                 4: [q("gptq", bits=b, group_size=g, mse=False) for b in (4, 8) for g in (64, 128, -1)]}
 
 
-def autobit(budget: dict, quantizer: dict | None = None, cost: str = "activation", candidates=None) -> dict:
+def autobit(budget: dict, quantizer: dict | None = None, cost: str = "activation", candidates=None,
+            inputs: str = "diag") -> dict:
     """An AutoBit plan with ``cost``; with ``quantizer`` and no budget, at exactly the stored bits of that
     uniform setting."""
-    return {"planner": {"name": "autobit", "candidates": candidates or AUTOBIT_CANDIDATES, "cost": cost, **budget},
+    return {"planner": {"name": "autobit", "candidates": candidates or AUTOBIT_CANDIDATES, "cost": cost,
+                        **({"inputs": inputs} if inputs != "diag" else {}), **budget},
             **({"quantizer": quantizer} if quantizer else {})}
 
 
@@ -66,6 +68,15 @@ SETTINGS = {
                                              ("2.5", {"target_bpw": 2.5}, None))},
     **{f"autobit-fisher-near{qep_tag}-w{b}g128": {"plan": autobit({}, quantizer, "fisher", AUTOBIT_NEAR[b]), "refiners": qep}
        for b, quantizer in ((3, W3G128_MINMAX), (4, W4G128_MINMAX))
+       for qep_tag, qep in (("", []), ("+qep", [{"name": "qep"}]))},
+    # "-full": candidates priced by what they really store, against each layer's whole input Hessian
+    **{f"autobit-fisher-full{near_tag}{qep_tag}-{budget_tag}": {
+        "plan": autobit(budget, quantizer, "fisher", near, inputs="full"), "refiners": qep}
+       for budget_tag, budget, quantizer, near in (("w3g128", {}, W3G128_MINMAX, AUTOBIT_NEAR[3]),
+                                                   ("w4g128", {}, W4G128_MINMAX, AUTOBIT_NEAR[4]),
+                                                   ("2.5", {"target_bpw": 2.5}, None, None))
+       for near_tag, near in (("", None), ("-near", near))
+       if near is not None or near_tag == ""
        for qep_tag, qep in (("", []), ("+qep", [{"name": "qep"}]))},
     # round to nearest (no calibration data)
     "rtn-w4g128": {"quantizer": q("rtn", bits=4, group_size=128)},

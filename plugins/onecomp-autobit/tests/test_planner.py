@@ -248,3 +248,40 @@ def test_fisher_plan_meets_its_budget_and_prices_with_output_gradients(tiny_llam
         W = tiny_llama.get_submodule(n).weight.detach().float()
         total += layer_cost(q, n, W, statistics_for(q, stats[n].diag), stats[n].diag, G[n])
     assert s["total_cost"] == pytest.approx(total, rel=1e-5)
+
+
+def test_output_error_with_a_diagonal_hessian_is_the_activation_cost():
+    """inputs = "full" prices ΔW·E[xxᵀ]·ΔWᵀ: with uncorrelated inputs it is the diagonal cost exactly, and
+    correlated inputs change it (the error GPTQ cancels across channels counts)."""
+    from onecomp_autobit.costs import output_error, weighted_error
+
+    g = torch.Generator().manual_seed(5)
+    W, W_hat, d = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g), torch.rand(10, generator=g)
+    out = torch.rand(6, generator=g)
+    assert output_error(W, W_hat, torch.diag(2 * d), out) == pytest.approx(weighted_error(W, W_hat, d, out))
+    X = torch.randn(200, 10, generator=g) @ torch.randn(10, 10, generator=g)
+    H = 2 * X.T @ X / 200
+    dW = W - W_hat
+    assert output_error(W, W_hat, H) == pytest.approx(float(((X @ dW.T) ** 2).sum() / 200), rel=1e-5)
+
+
+def test_full_input_plan_prices_what_each_candidate_stores(tiny_llama, calib_batch):
+    plan, p, inspection = planned(tiny_llama, calib_batch, {"target_bpw": 3.3, "inputs": "full"})
+    assert p.needs == {"model", "hessian"}
+    s = p.summary
+    assert s["inputs"] == "full" and s["planned_bits"] <= 3.3 * s["weights"]
+    # the total is the output error of each chosen candidate's real quantization, recomputed here
+    from onecomp import LayerTask
+    from onecomp.pipeline.run import planner_stats
+
+    reg = onecomp.Registry.default()
+    stats = planner_stats(tiny_llama, inspection, calib_batch, 8, {"hessian"})
+    total = 0.0
+    for n, spec in plan.items():
+        W = tiny_llama.get_submodule(n).weight.detach().float()
+        r = reg.create(spec).quantize(LayerTask(name=n, W=W, stats=stats[n]))
+        dW = (W - r.format.dequantize(r.tensors, r.shape)).double()
+        total += float(((dW @ stats[n].H.double()) * dW).sum() / 2)
+    assert s["total_cost"] == pytest.approx(total, rel=1e-5)
+    with pytest.raises(ConfigError, match="inputs"):
+        planned(tiny_llama, calib_batch, {"target_bpw": 3.3, "inputs": "full", "cost": "rtn"})

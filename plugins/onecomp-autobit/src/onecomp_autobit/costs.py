@@ -12,6 +12,11 @@ and ``fisher`` also weighs each output channel by how much the loss reacts to it
 Fisher, ``½ Σ F_qp (ΔW_qp)²`` is the second-order estimate of the loss increase, which makes errors
 in different layers comparable (an error early in the model, or in a layer the loss is sensitive
 to, costs more than the same output error elsewhere).
+
+With ``inputs = "full"`` a planner instead hands each candidate the layer's whole input Hessian and prices
+what the candidate really stores (its ``quantize``, dequantized): ``Σ_q out_q · (ΔW E[xxᵀ] ΔWᵀ)_qq``.
+That is the same sum when the inputs are uncorrelated, and otherwise counts the error GPTQ-like
+quantizers cancel across correlated input channels, which the diagonal estimate cannot see.
 """
 
 from __future__ import annotations
@@ -43,3 +48,28 @@ def layer_cost(quantizer, name: str, W: torch.Tensor, stats: LayerStats, diag: t
                out: torch.Tensor | None = None) -> float:
     """One candidate's error on one layer, from its quantizer's ``estimate``."""
     return weighted_error(W, quantizer.estimate(LayerTask(name=name, W=W, stats=stats)), diag, out)
+
+
+def full_statistics_for(quantizer, stats: LayerStats) -> LayerStats:
+    """The LayerStats handed to a candidate when the planner has the full Hessian ``H = 2·E[xxᵀ]``."""
+    needs = set(quantizer.needs)
+    unknown = needs - {"diag", "hessian"}
+    if unknown:
+        raise ValueError(f"candidate {quantizer.name!r} needs {sorted(unknown)}, which a planner cannot supply "
+                         "before quantizing; allowed candidates need at most 'diag' and 'hessian'")
+    return LayerStats(n_tokens=stats.n_tokens, H=stats.H if "hessian" in needs else None,
+                      diag=stats.H.diagonal() / 2 if "diag" in needs else None)
+
+
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, out: torch.Tensor | None = None) -> float:
+    """Σ_q out_q · (ΔW·H·ΔWᵀ)_qq / 2 with ΔW = W − Ŵ and H = 2·E[xxᵀ]: the expected squared output error,
+    per output channel weighted by ``out`` when given."""
+    dW = (W - W_hat).double()
+    per_row = ((dW @ H.double()) * dW).sum(1) / 2
+    return float(per_row.sum() if out is None else (per_row * out.double()).sum())
+
+
+def quantized_cost(quantizer, name: str, W: torch.Tensor, stats: LayerStats, out: torch.Tensor | None = None) -> float:
+    """One candidate's error on one layer from what it really stores, against the full input Hessian."""
+    result = quantizer.quantize(LayerTask(name=name, W=W, stats=full_statistics_for(quantizer, stats)))
+    return output_error(W, result.format.dequantize(result.tensors, result.shape), stats.H, out)

@@ -12,7 +12,7 @@ import torch
 
 from onecomp import ConfigError, Planner, in_range, matches, one_of, output_grad_squares, positive
 
-from .costs import layer_cost, statistics_for
+from .costs import layer_cost, quantized_cost, statistics_for
 from .ilp import InfeasibleBudget, solve, total
 
 
@@ -37,6 +37,10 @@ class AutoBitConfig:
     #: "activation": Σ (ΔW)² · E[x²] from calibration's diagonal statistics; "fisher": the same, each
     #: output channel also weighted by E[(∂L/∂y)²] (a diagonal Fisher); "rtn": Σ (ΔW)², no data
     cost: str = attrs.field(default="activation", validator=one_of("activation", "fisher", "rtn"))
+    #: "diag": each candidate's ``estimate`` against E[x²] per input channel (cheap); "full": each candidate
+    #: really quantizes the layer with its whole input Hessian, and its output error Σ (ΔW E[xxᵀ] ΔWᵀ) is
+    #: priced (one quantization per layer and candidate; statistics of d² per input group, all held at once)
+    inputs: str = attrs.field(default="diag", validator=one_of("diag", "full"))
     #: calibration windows run forward and backward for the "fisher" cost's output gradients
     grad_windows: int = attrs.field(default=32, validator=positive)
     #: average stored bits per weight over the planned layers (scales, zeros and indices included)
@@ -63,12 +67,16 @@ class AutoBit(Planner):
 
     name = "autobit"
     Config = AutoBitConfig
-    needs = frozenset({"model", "diag", "windows", "capabilities"})
+    needs = frozenset({"model", "diag", "hessian", "windows", "capabilities"})
 
     def __init__(self, config=None):
         super().__init__(config)
         c = self.config
-        self.needs = frozenset({"model"} | ({"diag"} if c.cost in ("activation", "fisher") else set())
+        if c.inputs == "full" and c.cost == "rtn":
+            raise ConfigError("plan.planner.inputs", 'inputs = "full" prices errors against calibration data; '
+                              'use it with cost = "activation" or "fisher", not "rtn"')
+        data = {"hessian"} if c.inputs == "full" else {"diag"}
+        self.needs = frozenset({"model"} | (data if c.cost in ("activation", "fisher") else set())
                                | ({"windows"} if c.cost == "fisher" else set())
                                | ({"capabilities"} if c.budget == "auto" else set()))
         self.summary: dict = {}
@@ -119,7 +127,9 @@ class AutoBit(Planner):
         for g, members in enumerate(tqdm(groups, desc="autobit costs", unit="group", disable=None, leave=False)):
             for n in members:
                 W = model.get_submodule(n).weight.detach().to(torch.float32)
-                if c.cost in ("activation", "fisher"):
+                if c.inputs == "full":
+                    layer = stats[n]
+                elif c.cost in ("activation", "fisher"):
                     layer = stats[n]
                     diag, n_tokens = layer.diag.float(), layer.n_tokens
                 else:
@@ -127,7 +137,10 @@ class AutoBit(Planner):
                 for k, q in enumerate(quantizers):
                     if not allowed[g, k]:
                         continue
-                    err = layer_cost(q, n, W, statistics_for(q, diag, n_tokens), diag, out_weights.get(n))
+                    if c.inputs == "full":
+                        err = quantized_cost(q, n, W, layer, out_weights.get(n))
+                    else:
+                        err = layer_cost(q, n, W, statistics_for(q, diag, n_tokens), diag, out_weights.get(n))
                     cost[g, k] = err if not math.isfinite(cost[g, k]) else cost[g, k] + err
         t_cost = time.perf_counter() - t0
         try:
@@ -141,7 +154,7 @@ class AutoBit(Planner):
             "budget_bits": int(budget), "budget_source": source, "planned_bits": int(used),
             "smallest_feasible_bits": int(min_bits), "weights": int(weights),
             "planned_bpw": used / weights, "budget_bpw": budget / weights,
-            "cost": c.cost, "total_cost": float(total(cost, choice)),
+            "cost": c.cost, "inputs": c.inputs, "total_cost": float(total(cost, choice)),
             "layers": {n: {"candidate": labels[choice[g]], "bits_per_weight": _bpw(quantizers[choice[g]], shapes[n])}
                        for g, members in enumerate(groups) for n in members},
             "chosen": {lab: int((choice == k).sum()) for k, lab in enumerate(labels) if (choice == k).any()},
