@@ -141,6 +141,12 @@ SETTINGS = {
                                     "refiners": [*qep, {"name": "lpcd", "quantizer": q("gptq", bits=3, group_size=128),
                                                         "skip": ["mlp.down_proj"]}]}
        for pre, qep in (("", []), ("+qep", [{"name": "qep"}]))},
+    # "-rms": each token's residual error weighted by 1/mean(T²), as the next RMSNorm reads it
+    **{f"gptq{pre}+lpcd-rms-{tag}": {"quantizer": q("gptq", **kw),
+                                     "refiners": [*qep, {"name": "lpcd", "quantizer": q("gptq", **kw),
+                                                         "token_weights": "rms"}]}
+       for tag, kw in (("w4g128", dict(bits=4, group_size=128)), ("w3g128", dict(bits=3, group_size=128)))
+       for pre, qep in (("", []), ("+qep", [{"name": "qep"}]))},
     # binary factorization (needs onecomp-mdbf), layer-wise only: DBF is one term with a rank-1
     # envelope; the mdbf-l2 rows spend the same bits on a rank-2 envelope; mdbf-1.5 is the plugin's
     # defaults (two rank-1 terms)

@@ -267,3 +267,32 @@ def test_skipped_layers_keep_the_pivots_weights(tmp_path):
     after = weights(model)
     assert all(torch.equal(before[n], after[n]) for n in before if n.endswith("down_proj"))
     assert any(not torch.equal(before[n], after[n]) for n in before if n.endswith("o_proj"))
+
+
+def test_rms_token_weights_measure_the_error_as_the_next_norm_reads_it():
+    """Σ_t r_t ‖T_t − P_t‖² with r_t = 1/mean(T_t²) is the squared error of the RMS-normalised vectors
+    (to first order), so it does not change when one token's residual vector is scaled."""
+    from onecomp_lpcd.lpcd import token_weights
+
+    g = torch.Generator().manual_seed(0)
+    T = torch.randn(2, 5, 16, generator=g)
+    P = T + 0.01 * torch.randn(2, 5, 16, generator=g)
+    err = ((T - P).square() * token_weights(T)).sum()
+    rms = T.square().mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(err, ((T / rms - P / rms).square()).sum(), rtol=1e-4, atol=1e-6)
+    scale = torch.ones(2, 5, 1)
+    scale[0, 3] = 1000.0  # one token with a massive residual vector
+    err_scaled = ((T * scale - P * scale).square() * token_weights(T * scale)).sum()
+    torch.testing.assert_close(err_scaled, err, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("relax", ["closed_form", "gd"])
+def test_rms_weighted_steps_never_raise_their_objective(relax, tmp_path):
+    model = pivot(GPTQ3)
+    details = run_lpcd(model, quantizer=GPTQ3, token_weights="rms", relax=relax, gd_steps=8, lr=1e-3,
+                       work_dir=tmp_path)
+    steps = [s for b in details["blocks"] for s in b["steps"]]
+    assert steps and all(s["after"] <= s["before"] for s in steps)
+    assert details["loss_after"] < details["loss_before"]
+    plain = run_lpcd(pivot(GPTQ3), quantizer=GPTQ3, relax=relax, gd_steps=8, lr=1e-3, work_dir=tmp_path / "plain")
+    assert details["loss_before"] != pytest.approx(plain["loss_before"])  # a different objective is measured

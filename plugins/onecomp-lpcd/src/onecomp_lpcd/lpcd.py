@@ -21,6 +21,12 @@ with s = 2/N ‖E‖², so the accept test needs no further pass. On a single la
 point (T = XWᵀ), G + Ŵ₀Ĥ = 2/N WXᵀX̂ and W* is exactly QEP's target W + α W(X − X̂)ᵀX̂(Ĥ + λI)⁻¹.
 Elsewhere (q/k through the softmax, v, up through the activation) the relaxation is ``gd_steps``
 Adam steps on ‖T − P̂‖², started from W.
+
+With ``token_weights = "rms"``, at the residual-stream points (mid, out) each token's squared error is
+weighted by r_t = 1/mean(T_t²): every later layer reads the residual stream through an RMSNorm, which
+divides each token by its RMS, so an error matters relative to its token's scale. Without it, the few
+tokens with massive residual activations dominate ‖T − P̂‖² and each block's o_proj and down_proj are
+fitted to cancel their error. Weighting rows by √r_t keeps every formula above (N counts tokens).
 """
 
 from __future__ import annotations
@@ -82,6 +88,9 @@ class LPCDConfig:
     quantizer: dict = attrs.field(factory=lambda: {"name": "gptq"}, validator=_check_quantizer)
     #: layers left as the pivot has them (name suffixes such as "mlp.down_proj", or "re:<regex>")
     skip: list = attrs.Factory(list)
+    #: "rms": at the residual-stream points (mid, out) each token's error counts relative to that token's
+    #: RMS in the fp target, as the next RMSNorm reads it; "none": the plain squared error
+    token_weights: str = attrs.field(default="none", validator=one_of("rms", "none"))
 
 
 def _damped_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
@@ -111,6 +120,16 @@ def step_objective(s: float, G: torch.Tensor, H: torch.Tensor, D: torch.Tensor) 
     """2/N ‖E − ÂDᵀ‖² from the statistics: the point error once the layer's weight moves by D."""
     D, G, H = D.double(), G.double(), H.double()
     return float(s - 2 * (D * G).sum() + ((D @ H) * D).sum())
+
+
+#: points on the residual stream, which every later layer reads through an RMSNorm
+RESIDUAL_POINTS = frozenset({"mid", "out"})
+
+
+def token_weights(T: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``1 / mean_c(T²)`` per token, shaped to broadcast over ``T``'s last dim: the factor by which the next
+    RMSNorm scales a small change of that token's residual vector (its own scale, not the error's)."""
+    return 1.0 / (T.float().square().mean(-1, keepdim=True) + eps)
 
 
 class _Stop(Exception):
@@ -188,6 +207,9 @@ class LPCD(Refiner):
         if n_tokens <= 0:
             return self.config.percdamp
         return max(self.config.percdamp, self.config.sample_damp * in_features / n_tokens)
+
+    def _weighted(self, point: str) -> bool:
+        return self.config.token_weights == "rms" and point in RESIDUAL_POINTS
 
     def problems(self) -> list[tuple[str, tuple, str]]:
         """(label, layers, point) in the order they run: by point along the block, then as configured."""
@@ -284,10 +306,14 @@ class LPCD(Refiner):
         collector = StatsCollector(set(quantizer.needs) | {"hessian"}, in_f)
         G = torch.zeros(out_f, in_f)
         s = 0.0
+        weighted = self._weighted(point)
         for (h, kw), T in zip(zip(q_in.hidden, q_in.kwargs), targets):
             P_hat, seen = _run_to(block, h, kw, point, (rel,))
             A = seen[rel].reshape(-1, in_f).float()
             E = (T - P_hat).reshape(-1, out_f).float()
+            if weighted:  # the objective Σ_t r_t ‖E_t‖² is plain least squares on √r_t-scaled rows
+                root = token_weights(T).reshape(-1, 1).sqrt()
+                A, E = A * root, E * root
             collector.add(A)
             G.addmm_(E.T, A)
             s += float(E.double().square().sum())
@@ -310,12 +336,15 @@ class LPCD(Refiner):
         layer = block.get_submodule(rel)
         collector = StatsCollector(needs, layer.in_features) if needs else None
         err, n = 0.0, 0
+        weighted = self._weighted(point)
         for (h, kw), T in zip(zip(q_in.hidden, q_in.kwargs), targets):
             P_hat, seen = _run_to(block, h, kw, point, (rel,) if needs else ())
-            err += float((T - P_hat).double().square().sum())
+            r = token_weights(T) if weighted else 1.0
+            err += float(((T - P_hat).double().square() * r).sum())
             n += T.shape[0] * T.shape[1]
             if collector is not None:
-                collector.add(seen[rel])
+                A = seen[rel]
+                collector.add(A * r.to(A.dtype).sqrt() if weighted else A)
         return 2 * err / max(n, 1), (collector.finish() if collector is not None else None)
 
     def _gradient_step(self, block, fp_layer, rel, point, q_in, targets, quantizer, name, seed) -> dict:
@@ -343,12 +372,14 @@ class LPCD(Refiner):
         replace_module(block, rel, relaxed)
         opt = torch.optim.Adam([relaxed.W], lr=self.config.lr)
         n = len(q_in.hidden)
+        weighted = self._weighted(point)
         try:
             with torch.enable_grad():
                 for k in range(self.config.gd_steps):
                     i = k % n
                     P_hat, _ = _run_to(block, q_in.hidden[i], q_in.kwargs[i], point)
-                    loss = (P_hat.float() - targets[i].float()).square().mean()
+                    loss = (P_hat.float() - targets[i].float()).square()
+                    loss = (loss * token_weights(targets[i]) if weighted else loss).mean()
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
