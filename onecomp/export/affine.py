@@ -52,12 +52,16 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     words = math.ceil(n * bits / 32)
     offset = torch.arange(n, device=codes.device) * bits
     word, shift = offset // 32, offset % 32
-    value = codes.long() << shift  # < 2^40: fits int64, may spill into the next word
-    out = torch.zeros(rows, words + 1, dtype=torch.long, device=codes.device)
-    out.scatter_add_(1, word.expand(rows, n), value & 0xFFFFFFFF)
-    out.scatter_add_(1, (word + 1).expand(rows, n), value >> 32)
-    out = out[:, :words]
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    packed = torch.empty(rows, words, dtype=torch.int32, device=codes.device)
+    step = max(1, 2**20 // max(n, 1))  # rows per chunk: the int64 work stays near 8 MiB whatever the layer
+    for r in range(0, rows, step):
+        value = codes[r:r + step].long() << shift  # < 2^40: fits int64, may spill into the next word
+        out = torch.zeros(value.shape[0], words + 1, dtype=torch.long, device=codes.device)
+        out.scatter_add_(1, word.expand_as(value), value & 0xFFFFFFFF)
+        out.scatter_add_(1, (word + 1).expand_as(value), value >> 32)
+        out = out[:, :words]
+        packed[r:r + step] = torch.where(out >= 2**31, out - 2**32, out)
+    return packed
 
 
 def unpack_rows(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _check_range(task: LayerTask, q, scale, zero, bits: int, group_size: int, g_
 def _pack(task, q, scale, zero, bits, group_size, g_idx=None) -> Compressed:
     _check_range(task, q, scale, zero, bits, group_size, g_idx)
     params = GPTQParams(bits=bits, group_size=group_size, act_order=g_idx is not None)
-    fields = {"q": q.long(), "zeros": zero.long(), "scales": scale}
+    fields = {"q": q.to(torch.int16), "zeros": zero.long(), "scales": scale}  # codes < 2⁸: int16, not int64
     if g_idx is not None:
         fields["g_idx"] = g_idx
     fmt = GPTQFormat(params)
@@ -174,8 +174,8 @@ def hessian_factor(H: torch.Tensor, act_order: bool = True, damp: float = 0.01, 
     def permuted(reverse: bool) -> torch.Tensor:
         idx = flip if reverse else order
         B = torch.empty(H.shape, dtype=torch.float64, device=H.device)
-        for i in range(0, H.shape[0], 512):  # row tiles: no full-size float32 temporary
-            B[i:i + 512] = H[idx[i:i + 512]][:, idx]
+        for i in range(0, H.shape[0], 128):  # row tiles: no full-size float32 temporary
+            B[i:i + 128] = H[idx[i:i + 128]][:, idx]
         if shrink > 0:
             B.mul_(1 - shrink)
         B.diagonal().copy_(diag_H[idx])
@@ -268,14 +268,19 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
             _quantize_column(W1T[i], QT[col], ErrT[col], scale, zero, maxq, diag[col], on_cpu)
             W1T[i:].addr_(Hinv1[i, i:], ErrT[col], alpha=-1)
         W[:, i2:].addmm_(ErrT[i1:i2].T, Hinv[i1:i2, i2:], alpha=-1)
-    Q, Err = QT.T.contiguous(), ErrT.T.contiguous()
-    losses = Err.square_().div_(2)
+    del W, W1T
+    ErrT.square_().div_(2)
     g_idx = None
-    if perm is not None:
+    if perm is not None:  # back to the original column order, one gather each, the transposed copies freed first
         inv = torch.argsort(perm)
-        Q = Q[:, inv]
-        losses = losses[:, inv]
+        Q = QT.T.index_select(1, inv)
+        del QT
+        losses = ErrT.T.index_select(1, inv)
         g_idx = (torch.arange(cols) // g)[inv]
+    else:
+        Q = QT.T.contiguous()
+        del QT
+        losses = ErrT.T.contiguous()
     return Q, scales, zeros, g_idx, losses
 
 
