@@ -43,10 +43,10 @@ SERIES = {
     "depth": [{"hidden": 1024, "blocks": n, "samples": 32} for n in (2, 4, 8)],
     "embedded": [{"model": "smollm2-135m", "samples": n} for n in (32, 128, 512)],
     "dp": [],  # run_dp
-    "sweep": [{"sweep": True, "hidden": 2048, "blocks": n, "quantizer": q, "samples": 8}  # the ends first
+    "sweep": [{"sweep": True, "hidden": 2048, "blocks": n, "quantizer": q, "samples": 8, "batch": 2}  # the ends first
               for n, q in ((8, "rtn"), (32, "rtn"), (8, "gptq"), (32, "gptq"), (16, "rtn"), (16, "gptq"))],
     # the same at hidden 512 (0.2–0.5 GB): a few minutes, light enough to run beside other work
-    "sweep-small": [{"sweep": True, "hidden": 512, "blocks": n, "quantizer": q, "samples": 8}
+    "sweep-small": [{"sweep": True, "hidden": 512, "blocks": n, "quantizer": q, "samples": 8, "batch": 2}
                     for q in ("rtn", "gptq") for n in (8, 32)],
 }
 
@@ -158,7 +158,8 @@ def run_sweep_point(point: dict) -> dict:
     rss_before, load_start = resident_mb(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="onecomp-sweep-run-") as tmp:
         config = {"model": {"id": str(model), "stream": True},
-                  "calibration": {"corpus": "kjv", "samples": point["samples"], "seq_len": 512, "seed": 0},
+                  "calibration": {"corpus": "kjv", "samples": point["samples"], "seq_len": 512, "seed": 0,
+                                  "batch_size": sweep_batch(point)},
                   "plan": {"planner": "uniform", "quantizer": quantizer},
                   "evaluation": {"texts": [], "before": False},
                   "output": {"dir": str(Path(tmp) / "run")}}
@@ -177,26 +178,27 @@ def run_sweep_point(point: dict) -> dict:
 
 def sweep_table(data: dict) -> list[str]:
     rows = sorted((v for k, v in data.items() if k.startswith("sweep-")),
-                  key=lambda r: (r["hidden"], r["quantizer"], r["blocks"]))
+                  key=lambda r: (r["hidden"], r["quantizer"], sweep_batch(r), r["blocks"]))
     if not rows:
         return []
     lines = ["", "## Out of core: depth sweep (`scaling.py sweep`)", "",
              "Synthetic random Llama models (intermediate 2.75 × hidden, head dim 64, kv heads a quarter of the heads, "
              "vocabulary 49152, tied embedding) written by the benchmark as sharded fp32 safetensors, run with `model.stream = true`, "
-             "GPTQ with the min-max grid (`mse = false`), 8 calibration windows of 512 tokens, no evaluation, each point in its own process. *loop peak* is the "
+             "GPTQ with the min-max grid (`mse = false`), 8 calibration windows of 512 tokens run *batch* at a time (the forward's "
+             "activations grow with it), no evaluation, each point in its own process. *loop peak* is the "
              "block loop's peak RSS (from the stage's start to its last block), *stage peak* adds the end of the stage, "
              "where the quantized model (codes and scales of every block) is put together for the checkpoint, and "
              "*process peak* the whole process's (it also writes the checkpoint). *growth* compares with the 8-block "
-             "point of the same width and quantizer. *load*: 1-minute load average at the start → end (2 cores).", "",
-             "| hidden | quantizer | blocks | fp32 model (MiB) | stage time (s) | s per block | loop peak RSS (MiB) "
+             "point of the same width, quantizer and batch. *load*: 1-minute load average at the start → end (2 cores).", "",
+             "| hidden | quantizer | batch | blocks | fp32 model (MiB) | stage time (s) | s per block | loop peak RSS (MiB) "
              "| loop peak / model | loop growth vs 8 blocks | stage peak (MiB) | process peak (MiB) "
              "| process peak / model | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["hidden"], r["quantizer"]): r["loop_peak_rss_mb"] for r in rows if r["blocks"] == 8}
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["hidden"], r["quantizer"], sweep_batch(r)): r["loop_peak_rss_mb"] for r in rows if r["blocks"] == 8}
     for r in rows:
-        b = base.get((r["hidden"], r["quantizer"]))
+        b = base.get((r["hidden"], r["quantizer"], sweep_batch(r)))
         growth = f"{100 * (r['loop_peak_rss_mb'] / b - 1):+.1f}%" if b else "–"
-        lines.append(f"| {r['hidden']} | {r['quantizer']} | {r['blocks']} | {r['model_mb']:.0f} | {r['seconds']:.0f} | "
+        lines.append(f"| {r['hidden']} | {r['quantizer']} | {sweep_batch(r)} | {r['blocks']} | {r['model_mb']:.0f} | {r['seconds']:.0f} | "
                      f"{r['seconds_per_block']:.1f} | {r['loop_peak_rss_mb']:.0f} | "
                      f"{r['loop_peak_rss_mb'] / r['model_mb']:.3f} | {growth} | {r['stage_peak_rss_mb']:.0f} | "
                      f"{r['process_peak_rss_mb']:.0f} | {r['process_peak_rss_mb'] / r['model_mb']:.3f} | "
@@ -204,9 +206,15 @@ def sweep_table(data: dict) -> list[str]:
     return lines
 
 
+def sweep_batch(row: dict) -> int:
+    """Calibration windows per forward in a sweep point (8, the default, in points that do not say)."""
+    return row.get("batch", 8)
+
+
 def key(row: dict) -> str:
     if row.get("sweep"):
-        return f"sweep-{row['quantizer']}-h{row['hidden']}-b{row['blocks']}-n{row['samples']}"
+        batch = f"-bs{row['batch']}" if "batch" in row else ""
+        return f"sweep-{row['quantizer']}-h{row['hidden']}-b{row['blocks']}-n{row['samples']}{batch}"
     if "model" in row:
         return f"{row['model']}-n{row['samples']}"
     return f"llama-h{row['hidden']}-b{row['blocks']}-n{row['samples']}"
