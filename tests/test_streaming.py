@@ -136,3 +136,14 @@ def test_streamed_teacher_gives_the_same_refined_checkpoints(tiny_model_dir, tmp
     for stage in ("02-blockwise", "03-global"):
         assert_identical(load_file(tmp_path / "s" / stage / "model.safetensors"),
                          load_file(tmp_path / "m" / stage / "model.safetensors"))
+
+
+@pytest.mark.integration
+def test_embedded_model_streamed_checkpoint_is_bit_identical(tmp_path):
+    """The same check on the real embedded model (its GGUF converted once to an HF directory, then read
+    block by block): GPTQ + QEP, streamed and in memory, bit for bit."""
+    gptq = {"name": "gptq", "bits": 4, "group_size": 128}
+    streamed = onecomp.run(config("smollm2-135m", tmp_path / "s", True, gptq, [{"name": "qep"}]), progress=False)
+    whole = onecomp.run(config("smollm2-135m", tmp_path / "m", False, gptq, [{"name": "qep"}]), progress=False)
+    assert_identical(checkpoint(tmp_path / "s"), checkpoint(tmp_path / "m"))
+    assert streamed["stages"][0]["ppl"] == whole["stages"][0]["ppl"]
