@@ -70,11 +70,11 @@ def test_streamed_checkpoint_is_bit_identical(tiny_model_dir, tmp_path, quantize
 
 
 def test_streaming_keeps_one_block_resident_and_resumes(tiny_model_dir, tmp_path):
-    """While a block's layers are quantized no other block's weights are in memory; a crash after block 0
-    resumes to the same checkpoint as the in-memory path."""
+    """While a block's layers are quantized no other block's weights are in memory, nor the embeddings and
+    the head; a crash after block 0 resumes to the same checkpoint as the in-memory path."""
     out = tmp_path / "run"
     registry = onecomp.Registry()
-    resident, found, crashed = [], [], []
+    resident, found, crashed, outside = [], [], [], []
 
     def streamed_model():
         import gc
@@ -91,6 +91,8 @@ def test_streaming_keeps_one_block_resident_and_resumes(tiny_model_dir, tmp_path
             blocks = streamed_model().model.layers
             resident.append((int(layer.name.split(".")[2]),
                              {i for i, b in enumerate(blocks) if not all(t.is_meta for t in b.parameters())}))
+            model = streamed_model()
+            outside.append(model.model.embed_tokens.weight.is_meta and model.lm_head.weight.is_meta)
 
         @onecomp.hookimpl
         def on_block_done(self, run, block):
@@ -104,6 +106,7 @@ def test_streaming_keeps_one_block_resident_and_resumes(tiny_model_dir, tmp_path
         found.clear()  # the resumed run's model is another object
         onecomp.run(config(tiny_model_dir, out, True), registry=registry, resume=True, progress=False)
     assert {b for b, _ in resident} == {0, 1} and all(now == {b} for b, now in resident), resident
+    assert outside and all(outside)
     onecomp.run(config(tiny_model_dir, tmp_path / "m", False), progress=False)
     assert_identical(checkpoint(out), checkpoint(tmp_path / "m"))
 

@@ -124,12 +124,24 @@ def load_streamed(path: str | Path, dtype: torch.dtype, device,
                   trust_remote_code: bool = False) -> tuple[nn.Module, WeightFiles]:
     """The model with everything but its decoder blocks read from ``path`` (embeddings, final norm,
     head; a tied head shares the embedding), and the files to read the blocks from as they are needed."""
-    from .structure import find_blocks
 
     files = WeightFiles(path)
     model = meta_model(path, dtype, trust_remote_code)
+    load_outside_blocks_(model, files, device, dtype)
+    return model, files
+
+
+def _block_prefixes(model: nn.Module) -> tuple[str, ...]:
+    from .structure import find_blocks
+
     blocks_path, block_list = find_blocks(model)
-    blocks = tuple(f"{blocks_path}.{i}." for i in range(len(block_list)))
+    return tuple(f"{blocks_path}.{i}." for i in range(len(block_list)))
+
+
+def load_outside_blocks_(model: nn.Module, files: WeightFiles, device, dtype: torch.dtype) -> None:
+    """Read every parameter outside the decoder blocks (embeddings, final norm, head) from ``files``; a
+    tied head shares the embedding again."""
+    blocks = _block_prefixes(model)
     for name, p in list(model.named_parameters(remove_duplicate=False)):
         if name.startswith(blocks):
             continue
@@ -142,8 +154,18 @@ def load_streamed(path: str | Path, dtype: torch.dtype, device,
         model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks)]
     if left:
-        raise ModelLoadError(f"{path}: no tensor in its safetensors files for {', '.join(left[:5])}")
-    return model, files
+        raise ModelLoadError(f"{files.path}: no tensor in its safetensors files for {', '.join(left[:5])}")
+
+
+def release_outside_blocks_(model: nn.Module) -> None:
+    """Put the parameters outside the decoder blocks (embeddings, head: often the largest tensors) on the meta
+    device while only the blocks run; ``load_outside_blocks_`` reads them back. Buffers stay."""
+    blocks = _block_prefixes(model)
+    for name, p in list(model.named_parameters(remove_duplicate=False)):
+        if not name.startswith(blocks) and not p.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            holder = model.get_submodule(owner) if owner else model
+            holder._parameters[leaf] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
 def local_dir(source: str) -> Path:

@@ -83,6 +83,7 @@ def run_layerwise(ctx: LayerwiseContext) -> dict:
         return _quantize_without_data(ctx, quantizers, store)  # e.g. RTN: no activations at all
     q_in = first_block_inputs(model, blocks, _my_windows(ctx.windows, ctx.batch_size), ctx.batch_size)
     fp_in = q_in.clone() if need_fp else None
+    _release_outside_blocks(ctx)
     reports: list[LayerReport] = []
     bar = tqdm(total=len(blocks), desc="layer-wise", unit="block", disable=not ctx.progress)
     for b, info in enumerate(insp.blocks):
@@ -125,6 +126,7 @@ def _quantize_without_data(ctx, quantizers, store) -> dict:
     """Data-free quantizers: no calibration forward passes, block by block with resume."""
     blocks = ctx.model.get_submodule(ctx.inspection.blocks_path)
     reports = []
+    _release_outside_blocks(ctx)
     for b, info in enumerate(tqdm(ctx.inspection.blocks, desc="layer-wise", unit="block", disable=not ctx.progress)):
         if _has(store, b):
             if ctx.files is None:
@@ -164,13 +166,24 @@ def _release(ctx, block) -> None:
         release_(block)
 
 
+def _release_outside_blocks(ctx) -> None:
+    """Streaming: the embeddings and the head leave memory while the blocks are quantized (none needs them)."""
+    if ctx.files is not None:
+        from ..models.lazy import release_outside_blocks_
+
+        release_outside_blocks_(ctx.model)
+
+
 def _reassemble(ctx, store) -> None:
     """Streaming: the quantized model for the checkpoint, block by block from the block store: the
     stored tensors of its QuantLinears (no dequantized copy kept) and its other weights from the files.
     Rank 0 alone, which writes the checkpoint; the other processes are done."""
     if ctx.files is None or store is None:
         return
+    from ..models.lazy import load_outside_blocks_
+
     dtype = _dtype(ctx.model)
+    load_outside_blocks_(ctx.model, ctx.files, ctx.device, dtype)
     for b, info in enumerate(ctx.inspection.blocks):
         saved, _ = store.load(b, ctx.registry)
         for name, (fmt, shape, stored) in saved.items():  # QuantLinears first: their fp weights are never read
