@@ -129,17 +129,19 @@ SETTINGS = {
     "gptq+qep-w3g128-percdamp1": {"quantizer": q("gptq", bits=3, group_size=128, mse=False),
                                   "refiners": [{"name": "qep", "percdamp": 1.0}]},
     # GPTQ + LPCD (needs onecomp-lpcd): the block-scope stage re-projects o_proj and down_proj against the
-    # residual stream with the plan's own quantizer. "+qep+lpcd" keeps QEP on the layers LPCD does not
+    # residual stream with the plan's own quantizer; these rows measure the plain squared error
+    # (token_weights = "none", the default before the "-rms" rows). "+qep+lpcd" keeps QEP on the layers LPCD does not
     # cover (its layer-wise stage is gptq+qep's, so `--output` of a gptq+qep run extends that run)
     **{f"gptq{pre}+lpcd-{tag}": {"quantizer": q("gptq", **kw),
-                                 "refiners": [*qep, {"name": "lpcd", "quantizer": q("gptq", **kw)}]}
+                                 "refiners": [*qep, {"name": "lpcd", "quantizer": q("gptq", **kw),
+                                                     "token_weights": "none"}]}
        for tag, kw in (("w4g128", dict(bits=4, group_size=128)), ("w3g128", dict(bits=3, group_size=128)),
                        ("w3pc", dict(bits=3, group_size=-1, mse=False)), ("w2g64", dict(bits=2, group_size=64, mse=False)))
        for pre, qep in (("", []), ("+qep", [{"name": "qep"}]))},
     # "-o": LPCD's residual submodule without down_proj (skip, as QEP skips it by default)
     **{f"gptq{pre}+lpcd-o-w3g128": {"quantizer": q("gptq", bits=3, group_size=128),
                                     "refiners": [*qep, {"name": "lpcd", "quantizer": q("gptq", bits=3, group_size=128),
-                                                        "skip": ["mlp.down_proj"]}]}
+                                                        "skip": ["mlp.down_proj"], "token_weights": "none"}]}
        for pre, qep in (("", []), ("+qep", [{"name": "qep"}]))},
     # "-rms": each token's residual error weighted by 1/mean(T²), as the next RMSNorm reads it
     **{f"gptq{pre}+lpcd-rms-{tag}": {"quantizer": q("gptq", **kw),

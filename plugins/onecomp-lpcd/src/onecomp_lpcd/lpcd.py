@@ -90,7 +90,7 @@ class LPCDConfig:
     skip: list = attrs.Factory(list)
     #: "rms": at the residual-stream points (mid, out) each token's error counts relative to that token's
     #: RMS in the fp target, as the next RMSNorm reads it; "none": the plain squared error
-    token_weights: str = attrs.field(default="none", validator=one_of("rms", "none"))
+    token_weights: str = attrs.field(default="rms", validator=one_of("rms", "none"))
 
 
 def _damped_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
