@@ -268,7 +268,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: i
             _quantize_column(W1T[i], QT[col], ErrT[col], scale, zero, maxq, diag[col], on_cpu)
             W1T[i:].addr_(Hinv1[i, i:], ErrT[col], alpha=-1)
         W[:, i2:].addmm_(ErrT[i1:i2].T, Hinv[i1:i2, i2:], alpha=-1)
-    del W, W1T
+    del W
     ErrT.square_().div_(2)
     g_idx = None
     if perm is not None:  # back to the original column order, one gather each, the transposed copies freed first
