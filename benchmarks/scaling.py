@@ -189,7 +189,9 @@ def sweep_table(data: dict) -> list[str]:
              "block loop's peak RSS (from the stage's start to its last block), *stage peak* adds the end of the stage, "
              "where the quantized model (codes and scales of every block) is put together for the checkpoint, and "
              "*process peak* the whole process's (it also writes the checkpoint). *growth* compares with the 8-block "
-             "point of the same width, quantizer and batch. *load*: 1-minute load average at the start → end (2 cores).", "",
+             "point of the same width, quantizer and batch. The batch-8 rows are older: they ran before the "
+             "layer-wise stage released the embeddings during the block loop and before GPTQ factored H in place "
+             "(hidden-2048 GPTQ at 8 blocks, batch 8: 3052 MiB before the in-place factor, 2086 after). *load*: 1-minute load average at the start → end (2 cores).", "",
              "| hidden | quantizer | batch | blocks | fp32 model (MiB) | stage time (s) | s per block | loop peak RSS (MiB) "
              "| loop peak / model | loop growth vs 8 blocks | stage peak (MiB) | process peak (MiB) "
              "| process peak / model | load |",
